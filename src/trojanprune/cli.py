@@ -1,0 +1,181 @@
+"""The ``trojanprune`` command line: attack | eval | demo (repair and bench join as they land)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import attacks as attacks_mod
+from . import models as models_mod
+from .errors import ConfigError, TrojanPruneError
+from .progress import console, log
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Remove backdoors from trained image classifiers by pruning.")
+
+DATA_DIR_HELP = "Dataset root (else $TROJANPRUNE_DATA, else ~/.cache/trojanprune/data)."
+
+
+def friendly_errors(fn):
+    """One clear line and a non-zero exit for user errors and Ctrl-C; never a bare traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TrojanPruneError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            typer.echo("interrupted: nothing was written (outputs are only saved when complete)",
+                       err=True)
+            raise typer.Exit(130)
+        except MemoryError:
+            typer.echo("error: out of memory; use a smaller --batch-size or model", err=True)
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+def parse_settings(settings: list[str] | None) -> dict:
+    """``--set key=value`` pairs; values are read as JSON when they parse (numbers, lists)."""
+    out = {}
+    for item in settings or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set takes key=value, got {item!r}")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+@app.command()
+@friendly_errors
+def attack(
+    attack_name: str = typer.Argument(..., metavar="ATTACK", help="badnets | blended | wanet | sig"),
+    dataset: str = typer.Option(..., "--dataset", help="cifar10, gtsrb, mnist, an embedded set, "
+                                "or imagefolder:PATH"),
+    arch: str = typer.Option("vgg_small", help="Architecture name from the model registry."),
+    out: Path = typer.Option(..., "--out", help="Run directory to create."),
+    epochs: int = typer.Option(15),
+    poison_rate: float = typer.Option(0.1, help="Fraction of the training set poisoned."),
+    target: int = typer.Option(0, help="Target class."),
+    mode: str = typer.Option("all-to-one", help="all-to-one | all-to-all (BadNets)"),
+    seed: int = typer.Option(0),
+    lr: float = typer.Option(0.01),
+    batch_size: int = typer.Option(128),
+    augment: Optional[str] = typer.Option(None, help="none | crop | crop+flip (default per dataset)"),
+    train_size: Optional[int] = typer.Option(None, help="Train on a seeded subset of this size."),
+    image_size: Optional[int] = typer.Option(None, help="Resize custom ImageFolder images."),
+    settings: Optional[list[str]] = typer.Option(None, "--set", help="Attack option key=value."),
+    data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
+    device: str = typer.Option("cpu", help="cpu | cuda | auto"),
+    force: bool = typer.Option(False, help="Replace an existing run directory."),
+    json_out: bool = typer.Option(False, "--json", help="Print the run record as JSON."),
+):
+    """Train a backdoored model and save it as a run directory (weights + run.json)."""
+    from .experiment import make_backdoored_run
+
+    if out.exists() and not force:
+        raise TrojanPruneError(f"{out} already exists; choose another --out or pass --force")
+    record = make_backdoored_run(
+        attack_name, dataset, arch, out, epochs=epochs, poison_rate=poison_rate, target=target,
+        mode=mode, seed=seed, lr=lr, batch_size=batch_size, augment=augment,
+        train_size=train_size, image_size=image_size, attack_options=parse_settings(settings),
+        data_dir=data_dir, device=device, force=force, progress=not json_out)
+    if json_out:
+        typer.echo(json.dumps(record, indent=2))
+    else:
+        m = record["metrics"]
+        log(f"saved {out}: ACC {m['acc']:.2f}%  ASR {m['asr']:.2f}%  RA {m['ra']:.2f}%")
+
+
+@app.command("eval")
+@friendly_errors
+def eval_cmd(
+    source: Path = typer.Argument(..., metavar="RUN_DIR_OR_MODEL"),
+    arch: Optional[str] = typer.Option(None, help="Architecture of a weights file."),
+    model_def: Optional[str] = typer.Option(None, help="path/file.py:Class for your own model."),
+    model_args: Optional[str] = typer.Option(None, help="JSON keyword arguments for --model-def."),
+    weights_key: Optional[str] = typer.Option(None, help="Key of the state dict inside a .pt file."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset (needed with a weights file)."),
+    attack_name: Optional[str] = typer.Option(None, "--attack", help="Trigger to measure ASR with "
+                                              "(a run directory knows its own)."),
+    target: int = typer.Option(0),
+    attack_seed: int = typer.Option(0),
+    settings: Optional[list[str]] = typer.Option(None, "--set", help="Attack option key=value."),
+    data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
+    device: str = typer.Option("cpu"),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Measure ACC, ASR and RA of a run directory or a model file on the test split."""
+    from . import data, metrics
+    from .sources import open_model
+    from .utils import resolve_device
+
+    src = open_model(source, arch=arch, model_def=model_def, model_args=model_args,
+                     weights_key=weights_key, dataset=dataset, data_dir=data_dir,
+                     attack=attack_name, target=target, attack_seed=attack_seed,
+                     attack_options=parse_settings(settings))
+    ds = src.dataset
+    test = data.load_dataset(ds["name"], "test", data_dir=data_dir, image_size=ds.get("image_size"))
+    check_model_fits(src.model, test)
+    src.model.to(resolve_device(device))
+    start = time.perf_counter()
+    result = metrics.evaluate(src.model, test, src.attack)
+    result = {k: round(v, 4) for k, v in result.items()}
+    if json_out:
+        meta = {k: src.record.get(k) for k in ("model", "dataset", "attack", "seed") if k in src.record}
+        if not src.record:
+            meta = {"dataset": ds, "attack": src.attack.config() if src.attack else None}
+        typer.echo(json.dumps({**result, "seconds": round(time.perf_counter() - start, 3),
+                               "source": str(source), **meta}, indent=2))
+    else:
+        parts = [f"ACC {result['acc']:.2f}%"]
+        if "asr" in result:
+            parts += [f"ASR {result['asr']:.2f}%", f"RA {result['ra']:.2f}%"]
+        else:
+            parts.append("(no trigger known: pass --attack to measure ASR)")
+        typer.echo("  ".join(parts))
+
+
+def check_model_fits(model, test) -> None:
+    import torch
+
+    with torch.no_grad():
+        try:
+            out = model.eval()(test.images[:2].float() / 255)
+        except RuntimeError as exc:
+            raise ConfigError(f"the model does not accept {test.name} images of shape "
+                              f"{tuple(test.images.shape[1:])}: {str(exc).splitlines()[0]}") from None
+    if out.ndim != 2 or out.shape[1] != test.num_classes:
+        raise ConfigError(f"num_classes mismatch: the model outputs {tuple(out.shape[1:])} logits "
+                          f"but {test.name} has {test.num_classes} classes")
+
+
+@app.command()
+@friendly_errors
+def demo(
+    seed: int = typer.Option(0),
+    epochs: int = typer.Option(6, help="Training epochs for the demo model."),
+):
+    """Train a small BadNets-backdoored model on an embedded dataset and repair it."""
+    from .demo import run_demo
+
+    run_demo(seed=seed, epochs=epochs)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""``trojanprune.repair``: the one entry point every defense is reached through."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from . import defenses
+from .data.dataset import ImageDataset
+from .defenses.base import CleanData, RepairResult
+from .errors import ConfigError, DataError, TrojanPruneError
+from .utils import model_device, resolve_device, seed_everything
+
+
+def repair(model: nn.Module, clean, method: str = "onp", seed: int = 0, device=None,
+           progress: bool = False, **options) -> RepairResult:
+    """Repair a copy of ``model`` with ``method``; the input model is never modified.
+
+    ``clean`` is an ``(x, y)`` pair of tensors (images float in [0, 1], NCHW), a Dataset of
+    ``(x, y)``, or ``None`` for data-free methods. Options are the method's dataclass fields.
+    """
+    defense_cls = defenses.get(method)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    device = resolve_device(device) if device is not None else model_device(model)
+    working = copy.deepcopy(model).to(device).eval()
+    for p in working.parameters():
+        p.requires_grad_(False)
+    num_classes = _num_classes(working, clean, device)
+    data = to_clean_data(clean, num_classes, device)
+    if data is None and defense_cls.needs_data:
+        raise ConfigError(f"method {method!r} needs clean data; pass clean images or use a "
+                          f"data-free method ({', '.join(_data_free())})")
+    if data is not None and len(data) < defense_cls.min_images:
+        raise DataError(f"method {method!r} needs at least {defense_cls.min_images} clean images, "
+                        f"got {len(data)}")
+    seed_everything(seed)
+    defense = defense_cls(seed=seed, device=device, progress=progress, **options)
+    result = defense.repair(working, data)
+    result.model.eval()
+    return result
+
+
+def _data_free() -> list[str]:
+    return [m for m in defenses.available() if not defenses.get(m).needs_data]
+
+
+def _num_classes(model: nn.Module, clean, device) -> int:
+    if isinstance(clean, ImageDataset):
+        sample = clean.images[:1].float() / 255
+    elif isinstance(clean, (tuple, list)) and len(clean) == 2:
+        sample = torch.as_tensor(clean[0][:1]).float()
+    elif isinstance(clean, Dataset):
+        sample = torch.as_tensor(clean[0][0]).float().unsqueeze(0)
+    else:
+        sample = None
+    if sample is None:
+        return -1  # data-free: defenses probe the model themselves
+    try:
+        with torch.no_grad():
+            out = model(sample.to(device))
+    except RuntimeError as exc:
+        raise DataError(f"the model cannot run on the clean images of shape "
+                        f"{tuple(sample.shape[1:])}: {str(exc).splitlines()[0]}") from None
+    if out.ndim != 2 or out.shape[1] < 2:
+        raise ConfigError(f"the model must return logits of shape (N, classes) with at least 2 "
+                          f"classes; got {tuple(out.shape)}")
+    return out.shape[1]
+
+
+def to_clean_data(clean, num_classes: int, device) -> CleanData | None:
+    """Validate and convert the defender's clean data; errors say what is wrong and what to do."""
+    if clean is None:
+        return None
+    if isinstance(clean, ImageDataset):
+        x, y = clean.tensors()
+    elif isinstance(clean, (tuple, list)) and len(clean) == 2:
+        x, y = torch.as_tensor(clean[0]), torch.as_tensor(clean[1])
+    elif isinstance(clean, Dataset):
+        try:
+            items = [clean[i] for i in range(len(clean))]
+        except TypeError as exc:
+            raise DataError(f"clean dataset must have a length and yield (image, label): {exc}") from None
+        if not items:
+            raise DataError("the clean set is empty; pass at least a few images per class")
+        x = torch.stack([torch.as_tensor(i[0]) for i in items])
+        y = torch.as_tensor([int(i[1]) for i in items])
+    else:
+        raise DataError("clean must be (images, labels) tensors, a Dataset of (image, label), or None")
+    if x.shape[0] == 0:
+        raise DataError("the clean set is empty; pass at least a few images per class")
+    if x.ndim != 4:
+        raise DataError(f"clean images must be a 4-D tensor (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[0] != y.shape[0]:
+        raise DataError(f"{x.shape[0]} clean images but {y.shape[0]} labels")
+    if x.dtype == torch.uint8:
+        x = x.float() / 255
+    x = x.float()
+    lo, hi = x.min().item(), x.max().item()
+    if lo < -1e-4 or hi > 1 + 1e-4:
+        raise DataError(f"clean images must be floats in [0, 1] (normalization is part of the "
+                        f"model); got values in [{lo:.3g}, {hi:.3g}]")
+    y = y.long()
+    if y.min() < 0 or y.max() >= num_classes:
+        raise DataError(f"clean labels must be in 0..{num_classes - 1} (the model has "
+                        f"{num_classes} outputs); got {int(y.min())}..{int(y.max())}")
+    return CleanData(x.clamp(0, 1).to(device), y.to(device), num_classes)
+
+
+__all__ = ["repair", "to_clean_data", "RepairResult", "TrojanPruneError"]

@@ -1,0 +1,131 @@
+"""Run directories: ``model.safetensors`` + ``run.json``, everything needed to rebuild the model
+and its trigger, written atomically (a run either exists complete or not at all)."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from . import __version__
+from .errors import CheckpointError, TrojanPruneError
+from .utils import atomic_directory, write_json_atomic
+
+RUN_FORMAT = "trojanprune-run"
+RUN_FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+RECORD_FILE = "run.json"
+
+
+def versions() -> dict[str, str]:
+    return {"trojanprune": __version__, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+@dataclass
+class ModelSpec:
+    """How to rebuild a model: a registered architecture, or the user's ``file.py:Class``."""
+
+    num_classes: int
+    in_channels: int
+    arch: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    model_def: str | None = None
+
+    def build(self) -> nn.Module:
+        from . import models
+
+        if self.arch:
+            return models.create(self.arch, self.num_classes, self.in_channels, **self.kwargs)
+        if self.model_def:
+            return models.build_user_model(self.model_def, self.kwargs)
+        raise CheckpointError("the run record names neither an architecture nor a model definition")
+
+    def to_dict(self) -> dict:
+        return {"arch": self.arch, "model_def": self.model_def, "num_classes": self.num_classes,
+                "in_channels": self.in_channels, "kwargs": self.kwargs}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        return cls(num_classes=d["num_classes"], in_channels=d["in_channels"], arch=d.get("arch"),
+                   kwargs=d.get("kwargs") or {}, model_def=d.get("model_def"))
+
+
+def contiguous_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or non-contiguous storage; clone keeps the user's model apart.
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def save_run(out_dir: str | Path, model: nn.Module, record: dict, force: bool = False,
+             extra_files: dict[str, Any] | None = None) -> Path:
+    """Write a run directory atomically. ``extra_files`` maps names to tensors dicts or JSON."""
+    record = {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, **record,
+              "versions": versions()}
+    with atomic_directory(out_dir, force=force) as tmp:
+        save_file(contiguous_state(model), str(tmp / WEIGHTS_FILE))
+        for name, content in (extra_files or {}).items():
+            if name.endswith(".safetensors"):
+                save_file(content, str(tmp / name))
+            else:
+                write_json_atomic(tmp / name, content)
+        write_json_atomic(tmp / RECORD_FILE, record)
+    return Path(out_dir)
+
+
+@dataclass
+class Run:
+    path: Path
+    record: dict
+    model: nn.Module
+
+    @property
+    def spec(self) -> ModelSpec:
+        return ModelSpec.from_dict(self.record["model"])
+
+    def attack(self):
+        """The run's attack, rebuilt from its record (None for a clean run)."""
+        from . import attacks
+
+        cfg = self.record.get("attack")
+        return attacks.from_config(cfg) if cfg else None
+
+    def test_set(self, data_dir=None):
+        from . import data
+
+        ds = self.record["dataset"]
+        return data.load_dataset(ds["name"], "test", data_dir=data_dir,
+                                 image_size=ds.get("image_size"))
+
+
+def is_run_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / RECORD_FILE).is_file()
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    if not path.exists():
+        raise TrojanPruneError(f"{path} does not exist")
+    if not is_run_dir(path):
+        raise TrojanPruneError(f"{path} is not a run directory (no {RECORD_FILE}); pass a run "
+                               f"made by 'trojanprune attack', or a weights file with --arch")
+    try:
+        record = json.loads((path / RECORD_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path / RECORD_FILE} is not valid JSON: {exc}") from None
+    if record.get("format") != RUN_FORMAT:
+        raise CheckpointError(f"{path / RECORD_FILE} is not a trojanprune run record")
+    if record.get("format_version", 0) > RUN_FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer trojanprune (format "
+                              f"{record['format_version']}); upgrade trojanprune to read it")
+    from .models import load_weights
+
+    model = ModelSpec.from_dict(record["model"]).build()
+    load_weights(model, path / WEIGHTS_FILE)
+    return Run(path, record, model.eval())
