@@ -165,7 +165,7 @@ def check_model_fits(model, test) -> None:
 @friendly_errors
 def demo(
     seed: int = typer.Option(0),
-    epochs: int = typer.Option(6, help="Training epochs for the demo model."),
+    epochs: int = typer.Option(30, help="Training epochs for the demo model."),
 ):
     """Train a small BadNets-backdoored model on an embedded dataset and repair it."""
     from .demo import run_demo

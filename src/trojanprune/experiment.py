@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from . import attacks, data, metrics
+from . import attacks, data, metrics, models
 from .progress import log
 from .runs import ModelSpec, save_run
 from .sources import describe
 from .training import DEFAULT_AUGMENT, TrainConfig, train
-from .utils import resolve_device, seed_everything
+from .utils import derive_seed, resolve_device, seed_everything
 
 
 def make_backdoored_run(attack_name: str, dataset: str, arch: str, out: str | Path | None,
@@ -33,13 +33,16 @@ def make_backdoored_run(attack_name: str, dataset: str, arch: str, out: str | Pa
     train_set = data.load_dataset(dataset, "train", data_dir=data_dir, image_size=size)
     test_set = data.load_dataset(dataset, "test", data_dir=data_dir, image_size=size)
     if train_size is not None and train_size < len(train_set):
-        pick = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))
+        pick = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(
+            derive_seed(seed, "train-subset")))
         train_set = train_set.subset(pick[:train_size])
     attack = attacks.create(attack_name, train_set.image_shape, train_set.num_classes,
                             target=target, mode=mode, seed=seed, **(attack_options or {}))
-    poisoned, poisoned_index = attack.poison(train_set, rate=poison_rate, seed=seed)
+    poisoned, poisoned_index = attack.poison(train_set, rate=poison_rate,
+                                             seed=derive_seed(seed, "poison-index"))
     c = train_set.image_shape[0]
-    spec = ModelSpec(train_set.num_classes, c, arch=arch, kwargs=_model_kwargs(dataset, c, model_kwargs))
+    spec = ModelSpec(train_set.num_classes, c, arch=arch,
+                     kwargs=models.arch_kwargs(arch, train_set.image_shape, dataset, **(model_kwargs or {})))
     model = spec.build()
     config = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                          augment=augment or DEFAULT_AUGMENT.get(dataset, "none"))
@@ -66,9 +69,3 @@ def make_backdoored_run(attack_name: str, dataset: str, arch: str, out: str | Pa
         return record, model, test_set, attack
     return record
 
-
-def _model_kwargs(dataset: str, in_channels: int, extra) -> dict:
-    from .models import default_stats
-
-    mean, std = default_stats(in_channels, dataset)
-    return {"mean": list(mean), "std": list(std), **(extra or {})}

@@ -49,7 +49,8 @@ def open_model(path: str | Path, *, arch: str | None = None, model_def: str | No
         spec = None
     elif arch:
         spec = ModelSpec(ds["num_classes"], c, arch=arch,
-                         kwargs=_parse_args(model_args) | _norm_kwargs(arch, c, dataset))
+                         kwargs=models.arch_kwargs(arch, ds["image_shape"], dataset,
+                                                   **_parse_args(model_args)))
         model = spec.build()
         models.load_weights(model, path, weights_key)
     else:
@@ -76,11 +77,6 @@ def _parse_args(model_args) -> dict:
     if not isinstance(parsed, dict):
         raise ConfigError("--model-args must be a JSON object")
     return parsed
-
-
-def _norm_kwargs(arch: str, in_channels: int, dataset: str) -> dict:
-    mean, std = models.default_stats(in_channels, dataset)
-    return {"mean": list(mean), "std": list(std)}
 
 
 def _describe_dataset(name: str, data_dir=None) -> dict:

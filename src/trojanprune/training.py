@@ -19,7 +19,7 @@ from torch import nn
 from .data.dataset import ImageDataset
 from .errors import ConfigError, TrojanPruneError
 from .progress import progress_bar
-from .utils import resolve_device
+from .utils import derive_seed, resolve_device
 
 AUGMENTATIONS = ("none", "crop", "crop+flip")
 # Flips change the meaning of digits and traffic signs; CIFAR uses crop + flip (BackdoorBench).
@@ -75,7 +75,7 @@ def train(model: nn.Module, data: ImageDataset, config: TrainConfig | None = Non
         raise TrojanPruneError(f"training needs at least 2 images, got {len(data)}")
     if int(data.labels.max()) >= _num_outputs(model, data, device):
         raise ConfigError("the dataset has more classes than the model has outputs")
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(derive_seed(config.seed, "training-order"))
     torch.manual_seed(config.seed)
     model.to(device).train()
     images, labels = data.images.to(device), data.labels.to(device)

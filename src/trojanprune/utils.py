@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import tempfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -23,6 +24,16 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def derive_seed(seed: int, purpose: str) -> int:
+    """An independent seed for one purpose (training order, subset choice, poisoning, ...).
+
+    Seeding two samplers with the same number gives the same permutation: the images a poisoning
+    picked would then open the first training epoch, all with the target label. Each use of the
+    run's seed therefore draws from its own stream.
+    """
+    return (seed * 1_000_003 + zlib.crc32(purpose.encode())) % 2**63
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -5,6 +5,8 @@ Every model takes images in [0, 1] (normalization is its first layer) and return
 
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
 from ..errors import ConfigError
@@ -27,19 +29,33 @@ def available() -> list[str]:
 
 
 def create(name: str, num_classes: int, in_channels: int = 3, dataset: str | None = None,
-           **kwargs) -> nn.Module:
-    """A fresh model. ``dataset`` picks the normalization statistics (else 0.5/0.5)."""
+           input_size: int | None = None, **kwargs) -> nn.Module:
+    """A fresh model. ``dataset`` picks the normalization statistics (else 0.5/0.5);
+    ``input_size`` reaches architectures whose classifier depends on it (LeNet-5)."""
     if num_classes < 2:
         raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
     cls = MODELS.get(name)
     mean, std = default_stats(in_channels, dataset)
     kwargs.setdefault("mean", mean)
     kwargs.setdefault("std", std)
+    if input_size is not None and "input_size" in inspect.signature(cls).parameters:
+        kwargs.setdefault("input_size", input_size)
     try:
         return cls(num_classes=num_classes, in_channels=in_channels, **kwargs)
     except TypeError as exc:
         raise ConfigError(f"bad arguments for architecture {name!r}: {exc}") from None
 
 
+def arch_kwargs(name: str, image_shape, dataset: str | None = None, **extra) -> dict:
+    """The constructor arguments that rebuild ``name`` for images of ``image_shape``: the
+    dataset's normalization and, for architectures that need it, the input size."""
+    in_channels = image_shape[0]
+    mean, std = default_stats(in_channels, dataset)
+    kwargs = {"mean": list(mean), "std": list(std)}
+    if "input_size" in inspect.signature(MODELS.get(name)).parameters:
+        kwargs["input_size"] = image_shape[1]
+    return {**kwargs, **extra}
+
+
 __all__ = ["MODELS", "available", "create", "load_weights", "load_model_def",
-           "build_user_model", "Normalize", "VGGSmall", "ResNet20", "PreActResNet18", "LeNet5"]
+           "build_user_model", "arch_kwargs", "Normalize", "VGGSmall", "ResNet20", "PreActResNet18", "LeNet5"]

@@ -1,0 +1,164 @@
+"""The CLI end to end: every error path gives one clear line and a non-zero exit."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from trojanprune import models
+from trojanprune.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args, stdout_only=False):
+    result = runner.invoke(app, [str(a) for a in args])
+    if stdout_only:
+        return result.exit_code, result.stdout
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "digits-badnets"
+    code, text = invoke("attack", "badnets", "--dataset", "digits", "--arch", "lenet5",
+                        "--epochs", "20", "--lr", "0.05", "--batch-size", "64", "--out", out)
+    assert code == 0, text
+    return out
+
+
+@pytest.mark.parametrize("cmd", [[], ["attack"], ["eval"], ["demo"]])
+def test_help(cmd):
+    code, text = invoke(*cmd, "--help")
+    assert code == 0 and "Usage" in text
+
+
+def test_attack_writes_run_and_eval_reads_it(digits_run):
+    record = json.loads((digits_run / "run.json").read_text())
+    assert record["attack"]["name"] == "badnets" and record["seed"] == 0
+    assert (digits_run / "model.safetensors").is_file()
+    code, text = invoke("eval", digits_run, "--json", stdout_only=True)
+    assert code == 0, text
+    out = json.loads(text)
+    assert {"acc", "asr", "ra"} <= set(out) and out["acc"] > 90 and out["asr"] > 90
+    assert out["acc"] == pytest.approx(record["metrics"]["acc"], abs=1e-3)
+    assert out["dataset"]["name"] == "digits"
+
+
+def test_refuses_to_overwrite_run(digits_run):
+    before = (digits_run / "model.safetensors").read_bytes()
+    code, text = invoke("attack", "badnets", "--dataset", "digits", "--arch", "lenet5",
+                        "--epochs", "1", "--out", digits_run)
+    assert code != 0 and "already exists" in text and "--force" in text
+    assert (digits_run / "model.safetensors").read_bytes() == before
+
+
+def test_eval_weights_file_with_arch(digits_run, tmp_path):
+    code, text = invoke("eval", digits_run / "model.safetensors", "--arch", "lenet5",
+                        "--dataset", "digits", "--attack", "badnets", "--json", stdout_only=True)
+    assert code == 0, text
+    assert json.loads(text)["asr"] > 90
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["attack", "nosuch", "--dataset", "digits", "--out", "X"], "valid attacks: badnets"),
+    (["attack", "badnets", "--dataset", "digits", "--arch", "vgg_huge", "--out", "X"],
+     "valid architectures:"),
+    (["attack", "badnets", "--dataset", "nosuch", "--out", "X"], "digits"),
+    (["attack", "blended", "--dataset", "digits", "--mode", "all-to-all", "--out", "X"], "badnets"),
+    (["attack", "badnets", "--dataset", "digits", "--set", "nope=1", "--out", "X"], "patch_size"),
+])
+def test_bad_names_list_valid_ones(args, expect, tmp_path):
+    args = [str(tmp_path / "o") if a == "X" else a for a in args]
+    code, text = invoke(*args)
+    assert code == 2, text
+    assert "error:" in text and expect in text
+    assert "Traceback" not in text
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_data_says_where_to_put_files(tmp_path):
+    code, text = invoke("attack", "badnets", "--dataset", "mnist", "--data-dir", tmp_path,
+                        "--out", tmp_path / "o")
+    assert code == 2 and "train-images-idx3-ubyte.gz" in text and str(tmp_path) in text
+
+
+def test_unwritable_output_folder(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, text = invoke("attack", "badnets", "--dataset", "digits", "--arch", "lenet5",
+                        "--epochs", "1", "--out", blocker / "run")
+    assert code == 2 and "cannot write" in text
+
+
+def test_checkpoint_mismatch_names_keys(tmp_path):
+    model = models.create("lenet5", 10, 1, input_size=16)
+    model.classifier[5] = torch.nn.Linear(84, 7)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    code, text = invoke("eval", tmp_path / "w.safetensors", "--arch", "lenet5", "--dataset", "digits")
+    assert code == 2 and "classifier.5.weight" in text and "shape mismatch" in text
+
+
+def test_malicious_checkpoint_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path}/pwned",))
+
+    torch.save({"state_dict": Evil()}, tmp_path / "evil.pt")
+    code, text = invoke("eval", tmp_path / "evil.pt", "--arch", "lenet5", "--dataset", "digits")
+    assert code == 2 and "execute code" in text
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_num_classes_mismatch_user_model(tmp_path):
+    (tmp_path / "net.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self, k=4):\n"
+        "        super().__init__(); self.fc = nn.Linear(256, k)\n"
+        "    def forward(self, x):\n        return self.fc(x.flatten(1))\n")
+    from trojanprune.models import build_user_model
+
+    net = build_user_model(f"{tmp_path}/net.py:Net")
+    save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
+    code, text = invoke("eval", tmp_path / "w.safetensors", "--model-def", f"{tmp_path}/net.py:Net",
+                        "--dataset", "digits")
+    assert code == 2 and "num_classes mismatch" in text and "10 classes" in text
+
+
+def test_ctrl_c_during_training_leaves_nothing(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trojanprune.cli", "attack", "badnets", "--dataset", "digits",
+         "--arch", "lenet5", "--epochs", "500", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    # wait until training has started (the partial directory exists), then interrupt
+    while time.time() < deadline and not any(p.name.startswith(".run.partial") for p in tmp_path.iterdir()):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not out.exists()
+    assert not any(p.name.startswith(".run") for p in tmp_path.iterdir())
+
+
+def test_end_to_end_mnist_lenet_badnets(shared_data_dir, tmp_path):
+    """A real backdoor on real data: LeNet-5 + BadNets on an MNIST subset."""
+    code, text = invoke("attack", "badnets", "--dataset", "mnist", "--data-dir", shared_data_dir,
+                        "--arch", "lenet5", "--epochs", "3", "--lr", "0.05", "--train-size",
+                        "8000", "--out", tmp_path / "mnist-run", "--json", stdout_only=True)
+    assert code == 0, text
+    record = json.loads(text)
+    assert record["metrics"]["asr"] > 90, record["metrics"]
+    assert record["metrics"]["acc"] > 95, record["metrics"]
+    assert record["poison"]["count"] == 800

@@ -1,0 +1,509 @@
+"""Pruning engine: unit discovery, masks, permanent zeroing, export, batched mask evaluation."""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trojanprune import models
+from trojanprune.engine import (ChannelMasks, EvaluationBudgetExceeded, MaskEvaluator, Units,
+                                apply_masks_permanently, discover_units, export_pruned)
+from trojanprune.errors import ConfigError, TrojanPruneError
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tests run many tiny forward passes. On the shared 2-core machine, 2 OpenMP threads
+    competing with other jobs make each one ~100x slower (barrier waits), so use one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# name -> (factory kwargs, in_channels, side); preact at 16x16 keeps CPU time down.
+ARCHS = {
+    "vgg_small": ({}, 3, 32),
+    "resnet20": ({}, 3, 32),
+    "preact_resnet18": ({}, 3, 16),
+    "lenet5": ({}, 1, 28),
+    "lenet5_nobn": ({"batch_norm": False}, 1, 28),
+}
+
+
+def make(arch: str, seed: int = 0):
+    kwargs, c, side = ARCHS[arch]
+    torch.manual_seed(seed)
+    model = models.create(arch.replace("_nobn", ""), 10, c, **kwargs)
+    _randomize_norms(model)
+    return model.eval(), torch.rand(4, c, side, side)
+
+
+def _randomize_norms(model: nn.Module) -> None:
+    """Non-trivial BatchNorm statistics, so that a BN of a zero input is not zero."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+
+
+def naive_logits(model, units, images, masks: torch.Tensor) -> torch.Tensor:
+    """The reference: one forward per mask, masks installed by hooks."""
+    out = []
+    with torch.no_grad(), ChannelMasks(model, units) as cm:
+        for mask in masks:
+            cm.set(mask)
+            out.append(model(images))
+    return torch.stack(out)
+
+
+# ---------------------------------------------------------------------------------------
+# models that are not in the registry
+# ---------------------------------------------------------------------------------------
+
+class TVBasicBlock(nn.Module):
+    """torchvision.models.resnet.BasicBlock layout (conv1/bn1/relu/conv2/bn2/downsample)."""
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class TVBottleneck(nn.Module):
+    """torchvision.models.resnet.Bottleneck layout (1x1 -> 3x3 -> 1x1, expansion 4)."""
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class TVResNet(nn.Module):
+    """A tiny torchvision-style ResNet: stem, maxpool, layer1..2 with downsample, avgpool, fc."""
+
+    def __init__(self, block, layers=(2, 2), width=4, num_classes=10):
+        super().__init__()
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = self._make_layer(block, width, layers[0])
+        self.layer2 = self._make_layer(block, width * 2, layers[1], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(width * 2 * block.expansion, num_classes)
+
+    def _make_layer(self, block, planes, blocks, stride=1):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                                       nn.BatchNorm2d(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer2(self.layer1(x))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x)
+
+
+class OddNet(nn.Module):
+    """A user model with ModuleDicts, dotted names, a concatenation and ``x.size(0)`` reuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleDict({
+            "stem": nn.Sequential(OrderedDict(c0=nn.Conv2d(3, 6, 3, padding=1), n0=nn.BatchNorm2d(6),
+                                              a0=nn.ReLU())),
+            "left": nn.Conv2d(6, 4, 3, padding=1),
+            "right": nn.Conv2d(6, 5, 1),
+            "mix": nn.BatchNorm2d(9),
+            "post": nn.Conv2d(9, 8, 3, stride=2, padding=1),
+        })
+        self.head = nn.ModuleDict({"hidden": nn.Linear(8 * 4 * 4, 12), "logits": nn.Linear(12, 5)})
+
+    def forward(self, x):
+        b = x.size(0)  # computed before any masked layer, used after: must follow the mask batch
+        x = self.blocks["stem"](x)
+        x = torch.cat([self.blocks["left"](x), self.blocks["right"](x)], dim=1)
+        x = F.relu(self.blocks["mix"](x))
+        x = F.relu(self.blocks["post"](x))
+        x = F.relu(self.head["hidden"](x.reshape(b, -1)))
+        return self.head["logits"](x)
+
+
+class BranchyNet(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        if x.mean() > -1:  # always true, but fx cannot know
+            x = x * 1.0
+        return self.fc(x.mean((2, 3)))
+
+
+def _groups(units: Units) -> dict:
+    return {g.name: g for g in units}
+
+
+# ---------------------------------------------------------------------------------------
+# discovery
+# ---------------------------------------------------------------------------------------
+
+def test_discovery_vgg_small():
+    model, x = make("vgg_small")
+    units = discover_units(model, x)
+    assert units.names == ("features.0", "features.3", "features.7", "features.10", "features.14", "features.17")
+    assert [g.size for g in units] == [32, 32, 64, 64, 128, 128] and units.total == 448
+    assert units.offsets == (0, 32, 64, 128, 192, 320)
+    g = units["features.3"]
+    assert g.mask_points == ("features.3", "features.4") and g.hook_points == ("features.4",)
+    assert g.kind == "conv" and g.root == "features.3" and not g.residual and g.consumers == ("features.7",)
+    assert all(g.depth < h.depth for g, h in zip(units.groups, units.groups[1:]))
+    assert all("classifier" not in g.mask_points for g in units)
+
+
+def test_discovery_resnet20_residual_groups():
+    model, x = make("resnet20")
+    units = discover_units(model, x)
+    groups = _groups(units)
+    assert len(units) == 12 and units.total == 448
+    residual = [g for g in units if g.residual]
+    assert [g.name for g in residual] == ["conv1", "layer2.0.conv2", "layer3.0.conv2"]
+    assert [g.size for g in residual] == [16, 32, 64]
+    stage1 = groups["conv1"]
+    assert set(stage1.producers) == {"conv1", "layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2"}
+    assert {"bn1", "layer1.0.bn2", "layer1.1.bn2", "layer1.2.bn2"} <= set(stage1.mask_points)
+    stage2 = groups["layer2.0.conv2"]
+    assert set(stage2.producers) == {"layer2.0.shortcut.0", "layer2.0.conv2", "layer2.1.conv2", "layer2.2.conv2"}
+    assert "layer2.0.shortcut.1" in stage2.hook_points
+    assert set(stage2.consumers) == {"layer2.1.conv1", "layer2.2.conv1", "layer3.0.conv1", "layer3.0.shortcut.0"}
+    assert "linear" in groups["layer3.0.conv2"].consumers
+    plain = [g for g in units if not g.residual]
+    assert sorted(g.name for g in plain) == sorted(f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3))
+    assert all(len(g.mask_points) == 2 for g in plain)
+    assert all("linear" not in g.mask_points for g in units)
+
+
+def test_discovery_preact_consumer_bns():
+    model, x = make("preact_resnet18")
+    units = discover_units(model, x)
+    groups = _groups(units)
+    assert len(units) == 12 and units.total == 2 * (64 + 128 + 256 + 512) + (64 + 128 + 256 + 512)
+    stage1 = groups["conv1"]
+    assert set(stage1.producers) == {"conv1", "layer1.0.conv2", "layer1.1.conv2"}
+    # BatchNorms that READ the residual stream carry its channels too.
+    assert set(stage1.hook_points) == {"layer1.0.bn1", "layer1.1.bn1", "layer2.0.bn1"}
+    stage4 = groups["layer4.0.shortcut.0"]
+    assert {"layer4.0.conv2", "layer4.1.conv2", "layer4.1.bn1", "bn"} <= set(stage4.mask_points)
+    assert stage4.residual and "linear" in stage4.consumers
+    assert groups["layer2.0.conv1"].mask_points == ("layer2.0.conv1", "layer2.0.bn2")
+
+
+@pytest.mark.parametrize("arch", ["lenet5", "lenet5_nobn"])
+def test_discovery_lenet(arch):
+    model, x = make(arch)
+    units = discover_units(model, x)
+    assert [(g.name, g.size, g.kind) for g in units] == [
+        ("features.0", 6, "conv"), (units.names[1], 16, "conv"),
+        ("classifier.1", 120, "linear"), ("classifier.3", 84, "linear")]
+    assert units["classifier.3"].consumers == ("classifier.5",)
+    convs_only = discover_units(model, x, include_linear=False)
+    assert [g.size for g in convs_only] == [6, 16]
+    assert units.select("last:1", kind="conv").names == (units.names[1],)
+
+
+@pytest.mark.parametrize("block", [TVBasicBlock, TVBottleneck])
+def test_discovery_torchvision_style_resnet(block):
+    torch.manual_seed(0)
+    model = TVResNet(block).eval()
+    units = discover_units(model, torch.rand(2, 3, 32, 32))
+    groups = _groups(units)
+    last = "conv3" if block is TVBottleneck else "conv2"
+    stage2 = next(g for g in units if "layer2.0.downsample.0" in g.producers)
+    assert set(stage2.producers) == {"layer2.0.downsample.0", f"layer2.0.{last}", f"layer2.1.{last}"}
+    assert "layer2.0.downsample.1" in stage2.hook_points and stage2.residual
+    assert stage2.size == 8 * block.expansion and stage2.consumers == ("layer2.1.conv1", "fc")
+    if block is TVBasicBlock:  # the stem writes straight into stage 1's residual stream
+        stage1 = groups["conv1"]
+        assert set(stage1.producers) == {"conv1", "layer1.0.conv2", "layer1.1.conv2"}
+        assert len(units) == 1 + 2 + 1 + 2  # stage groups + one group per block's conv1
+    else:  # 4 -> 16 channels: a projection starts stage 1, the stem is a group of its own
+        stage1 = groups["layer1.0.conv3"]
+        assert set(stage1.producers) == {"layer1.0.conv3", "layer1.0.downsample.0", "layer1.1.conv3"}
+        assert not groups["conv1"].residual
+        assert len(units) == 1 + 1 + 4 * 2 + 1
+    assert stage1.residual
+    assert all("fc" not in g.mask_points for g in units)
+
+
+def test_discovery_unusual_names_and_concat():
+    torch.manual_seed(0)
+    model = OddNet().eval()
+    _randomize_norms(model)
+    units = discover_units(model, torch.rand(2, 3, 8, 8))
+    groups = _groups(units)
+    assert set(units.names) == {"blocks.stem.c0", "blocks.left", "blocks.right", "blocks.post", "head.hidden"}
+    assert groups["blocks.stem.c0"].hook_points == ("blocks.stem.n0",)
+    # The BatchNorm after the concatenation holds channels of both branches, at an offset.
+    assert groups["blocks.left"].channels_at("blocks.mix") == (0, 1, 2, 3)
+    assert groups["blocks.right"].channels_at("blocks.mix") == (4, 5, 6, 7, 8)
+    assert all("head.logits" not in g.mask_points for g in units)
+
+
+def test_nothing_prunable():
+    flat = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    with pytest.raises(TrojanPruneError, match="nothing prunable"):
+        discover_units(flat, torch.rand(2, 3, 2, 2))
+    all_conv = nn.Sequential(nn.Conv2d(3, 5, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())  # conv = classifier
+    with pytest.raises(TrojanPruneError, match="nothing prunable"):
+        discover_units(all_conv, torch.rand(2, 3, 8, 8))
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 3))
+    with pytest.raises(TrojanPruneError, match="nothing prunable"):
+        discover_units(mlp, torch.rand(2, 3, 2, 2), include_linear=False)
+
+
+def test_discovery_leaves_model_unchanged():
+    model, x = make("resnet20")
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    discover_units(model, x)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(m.training for m in model.modules())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_units_index_api():
+    model, x = make("resnet20")
+    units = discover_units(model, x)
+    for i in (0, 15, 16, 100, units.total - 1):
+        assert units.unit_index(*units.unit_of(i)) == i
+    assert units.unit_of(units.offset("layer2.0.conv2") + 5) == ("layer2.0.conv2", 5)
+    sub = units.select(["layer3.2.conv1", "layer1.0.conv1"])
+    assert sub.names == ("layer1.0.conv1", "layer3.2.conv1") and sub.offsets == (0, 16)
+    assert units.select("last:2").names == units.names[-2:]
+    with pytest.raises(ConfigError):
+        units.select("nope")
+    with pytest.raises(ConfigError):
+        units.unit_index("layer1.0.conv1", 16)
+    pairs = [("layer1.0.conv1", 3), ("conv1", 0)]
+    flat = units.keep_mask(pairs) < 0.5
+    as_dict = {"layer1.0.conv1": torch.arange(16) == 3, "conv1": [0]}
+    expect = {"conv1": [0], "layer1.0.conv1": [3]}
+    assert units.pruned_channels(pairs) == units.pruned_channels(flat) == units.pruned_channels(as_dict) == expect
+    assert sorted(units.pruned_list(units.keep_mask(pairs))) == sorted(pairs)
+
+
+# ---------------------------------------------------------------------------------------
+# masks, permanent zeroing, export
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_masked_equals_permanent_equals_export(arch):
+    model, x = make(arch)
+    units = discover_units(model, x)
+    keep = (torch.rand(units.total, generator=torch.Generator().manual_seed(2)) > 0.3).float()
+    pruned = units.pruned_list(keep)
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        plain = model(x)
+        with ChannelMasks(model, units, keep):
+            masked = model(x)
+        permanent = apply_masks_permanently(model, units, pruned).eval()(x)
+        small = export_pruned(model, units, pruned, x).eval()
+        exported = small(x)
+    assert (masked - plain).abs().max() > 1e-3  # the masks did something
+    assert torch.allclose(masked, permanent, atol=1e-5)
+    assert (masked - exported).abs().max() < 1e-4
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in snapshot.items())
+
+
+def test_odd_model_masks_export_and_evaluator():
+    torch.manual_seed(0)
+    model = OddNet().eval()
+    _randomize_norms(model)
+    x = torch.rand(3, 3, 8, 8)
+    units = discover_units(model, x)
+    keep = (torch.rand(units.total, generator=torch.Generator().manual_seed(3)) > 0.4).float()
+    with torch.no_grad():
+        with ChannelMasks(model, units, keep):
+            masked = model(x)
+        permanent = apply_masks_permanently(model, units, units.pruned_list(keep)).eval()(x)
+        exported = export_pruned(model, units, units.pruned_list(keep), x).eval()(x)
+    assert torch.allclose(masked, permanent, atol=1e-5) and (masked - exported).abs().max() < 1e-4
+    masks = (torch.rand(5, units.total, generator=torch.Generator().manual_seed(4)) > 0.3).float()
+    ev = MaskEvaluator(model, units, x, chunk=7)
+    assert ev.reuses_prefix
+    assert torch.allclose(ev.logits(masks), naive_logits(model, units, x, masks), atol=1e-5)
+
+
+def test_export_refuses_whole_group():
+    model, x = make("vgg_small")
+    units = discover_units(model, x)
+    with pytest.raises(TrojanPruneError, match="all 32 channels"):
+        export_pruned(model, units, {"features.3": torch.ones(32, dtype=torch.bool)}, x)
+    # zeroing a whole layer is fine without physical removal
+    zeroed = apply_masks_permanently(model, units, {"features.3": list(range(32))})
+    assert zeroed.features[3].weight.abs().sum() == 0
+
+
+def test_masks_reversible_and_batched():
+    model, x = make("resnet20")
+    units = discover_units(model, x)
+    with torch.no_grad():
+        plain = model(x)
+        masks = (torch.rand(3, units.total, generator=torch.Generator().manual_seed(5)) > 0.5).float()
+        cm = ChannelMasks(model, units, masks)
+        batched = model(x.repeat(3, 1, 1, 1)).view(3, len(x), -1)
+        cm.remove()
+        restored = model(x)
+    assert torch.equal(plain, restored)
+    assert all(not m._forward_hooks for m in model.modules())
+    assert torch.allclose(batched, naive_logits(model, units, x, masks), atol=1e-5)
+    with pytest.raises(TrojanPruneError, match="mask-major"):
+        with torch.no_grad(), ChannelMasks(model, units, masks):
+            model(x[:2])
+
+
+def test_soft_masks_carry_gradient_and_scale_once():
+    model, x = make("vgg_small")
+    units = discover_units(model, x)
+    mask = torch.full((units["features.3"].size,), 0.5, requires_grad=True)
+    with ChannelMasks(model, units, {"features.3": mask}):
+        loss = model(x).logsumexp(1).mean()
+    loss.backward()
+    assert mask.grad is not None and mask.grad.abs().sum() > 0
+    # A soft mask scales what the next conv reads exactly once (after the BatchNorm + ReLU).
+    seen = {}
+    h = model.features[7].register_forward_pre_hook(lambda m, i: seen.update(input=i[0].clone()))
+    with torch.no_grad():
+        model(x)
+        plain_in = seen.pop("input")
+        with ChannelMasks(model, units, {"features.3": torch.full((32,), 0.5)}):
+            model(x)
+    h.remove()
+    assert torch.allclose(seen["input"], 0.5 * plain_in, atol=1e-6)
+    # batched soft masks: gradients for each mask separately
+    masks = torch.rand(2, units.total, generator=torch.Generator().manual_seed(6)).requires_grad_(True)
+    with ChannelMasks(model, units, masks):
+        model(x.repeat(2, 1, 1, 1))[: len(x)].sum().backward()
+    assert masks.grad[0].abs().sum() > 0 and masks.grad[1].abs().sum() == 0
+
+
+# ---------------------------------------------------------------------------------------
+# batched evaluation
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["vgg_small", "resnet20"])
+@pytest.mark.parametrize("reuse", [True, False])
+def test_evaluator_matches_naive_loop(arch, reuse):
+    model, x = make(arch)
+    x = torch.rand(6, *x.shape[1:])
+    units = discover_units(model, x)
+    g = torch.Generator().manual_seed(7)
+    for sub in (units, units.select("last:2")):
+        masks = (torch.rand(9, sub.total, generator=g) > 0.3).float()
+        masks[0] = 1  # an unmasked model among them
+        # chunk=16 < 9*6 forces mask chunks, chunk=4 < 6 forces image blocks too
+        for chunk in (16, 4):
+            ev = MaskEvaluator(model, sub, x, chunk=chunk, reuse_prefix=reuse)
+            assert ev.reuses_prefix == reuse
+            got = ev.logits(masks)
+            assert got.shape == (9, 6, 10)
+            assert (got - naive_logits(model, sub, x, masks)).abs().max() < 1e-5
+            assert ev.evaluations == 9
+    # dict masks, including a (size,) mask broadcast over M
+    sub = units.select("last:2")
+    a, b = sub.names
+    dmask = {a: (torch.rand(4, sub[a].size, generator=g) > 0.5).float(), b: torch.ones(sub[b].size)}
+    ev = MaskEvaluator(model, sub, x)
+    assert torch.allclose(ev.logits(dmask), naive_logits(model, sub, x, sub.join(dmask)), atol=1e-5)
+
+
+def test_evaluator_metrics_budget_and_cache():
+    model, x = make("vgg_small")
+    units = discover_units(model, x)
+    labels = torch.tensor([0, 1, 2, 3])
+    ev = MaskEvaluator(model, units.select("last:1"), x, labels, budget=14)
+    masks = (torch.rand(3, 128, generator=torch.Generator().manual_seed(8)) > 0.5).float()
+    logits = ev.logits(masks)
+    assert torch.equal(ev.accuracy(masks), (logits.argmax(-1) == labels).float().mean(1))
+    assert torch.equal(ev.target_rate(masks, 2), (logits.argmax(-1) == 2).float().mean(1))
+    other = logits.clone()
+    other[..., 2] = float("-inf")
+    assert torch.allclose(ev.margin(masks, 2), (logits[..., 2] - other.amax(-1)).mean(1))
+    assert ev.evaluations == 12  # 4 calls x 3 masks
+    with pytest.raises(EvaluationBudgetExceeded) as info:
+        ev.logits(masks)  # 12 + 3 > 14: refused before any work
+    assert isinstance(info.value, TrojanPruneError) and ev.evaluations == 12
+    ev.budget = None
+    # weights changed in place: cached prefix activations must not be reused
+    with torch.no_grad():
+        model.features[0].weight.mul_(-1)
+    assert torch.allclose(ev.logits(masks), naive_logits(model, ev.units, x, masks), atol=1e-5)
+
+
+def test_evaluator_fallback_without_fx():
+    torch.manual_seed(0)
+    model = BranchyNet().eval()
+    x = torch.rand(5, 3, 6, 6)
+    units = discover_units(model, x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ev = MaskEvaluator(model, units, x)
+    assert not ev.reuses_prefix and any("without prefix reuse" in str(w.message) for w in caught)
+    masks = (torch.rand(4, units.total, generator=torch.Generator().manual_seed(9)) > 0.5).float()
+    assert torch.allclose(ev.logits(masks), naive_logits(model, units, x, masks), atol=1e-5)
