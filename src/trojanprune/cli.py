@@ -1,4 +1,4 @@
-"""The ``trojanprune`` command line: attack | eval | demo (repair and bench join as they land)."""
+"""The ``trojanprune`` command line: attack | eval | repair | demo."""
 
 from __future__ import annotations
 
@@ -159,6 +159,77 @@ def check_model_fits(model, test) -> None:
     if out.ndim != 2 or out.shape[1] != test.num_classes:
         raise ConfigError(f"num_classes mismatch: the model outputs {tuple(out.shape[1:])} logits "
                           f"but {test.name} has {test.num_classes} classes")
+
+
+@app.command("repair")
+@friendly_errors
+def repair_cmd(
+    source: Path = typer.Argument(..., metavar="RUN_DIR_OR_MODEL"),
+    method: str = typer.Option(..., "--method", help="Defense (see --list-methods)."),
+    out: Path = typer.Option(..., "--out", help="Output run directory (weights, mask, record)."),
+    clean: Optional[int] = typer.Option(None, help="Clean training images for the defender "
+                                        "(default 500)."),
+    per_class: Optional[int] = typer.Option(None, help="Clean images per class instead."),
+    data_free: bool = typer.Option(False, help="Give the defense no data (CLP, ShapPruning)."),
+    settings: Optional[list[str]] = typer.Option(None, "--set", help="Defense option key=value."),
+    seed: int = typer.Option(0),
+    arch: Optional[str] = typer.Option(None, help="Architecture of a weights file."),
+    model_def: Optional[str] = typer.Option(None, help="path/file.py:Class for your own model."),
+    model_args: Optional[str] = typer.Option(None, help="JSON keyword arguments for --model-def."),
+    weights_key: Optional[str] = typer.Option(None),
+    dataset: Optional[str] = typer.Option(None, help="Dataset (needed with a weights file)."),
+    attack_name: Optional[str] = typer.Option(None, "--attack", help="Trigger to measure ASR "
+                                              "with (evaluation only; never given to the defense)."),
+    target: int = typer.Option(0),
+    no_eval: bool = typer.Option(False, help="Skip measuring ACC/ASR before and after."),
+    data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
+    device: str = typer.Option("cpu"),
+    force: bool = typer.Option(False, help="Replace an existing output directory."),
+    json_out: bool = typer.Option(False, "--json", help="Print the repair record as JSON."),
+):
+    """Repair a backdoored model; save the repaired weights, the mask and a JSON record."""
+    from . import data, defenses
+    from .repair_run import choose_clean, repair_and_measure, save_repair
+    from .utils import resolve_device
+
+    defenses.get(method)  # unknown names fail before any work
+    if out.exists() and not force:
+        raise TrojanPruneError(f"{out} already exists; choose another --out or pass --force")
+    src = open_model_from_cli(source, arch, model_def, model_args, weights_key, dataset, data_dir,
+                              attack_name, target)
+    ds = src.dataset
+    test = None
+    if not no_eval:
+        test = data.load_dataset(ds["name"], "test", data_dir=data_dir, image_size=ds.get("image_size"))
+        check_model_fits(src.model, test)
+    clean_set = choose_clean(src, clean=clean, per_class=per_class, data_free=data_free,
+                             seed=seed, data_dir=data_dir)
+    result, record = repair_and_measure(src, method, clean=clean_set, seed=seed,
+                                        options=parse_settings(settings), test=test,
+                                        device=resolve_device(device), progress=not json_out)
+    example = (test.images[:1] if test is not None else clean_set.images[:1]).float() / 255
+    save_repair(out, src, result, record, example, force=force)
+    if json_out:
+        typer.echo(json.dumps({k: v for k, v in record.items() if k != "details"}, indent=2))
+    else:
+        b, a = record["before"], record["after"]
+        if a:
+            line = f"ACC {b['acc']:.2f}% -> {a['acc']:.2f}%"
+            if "asr" in a:
+                line += (f"  ASR {b['asr']:.2f}% -> {a['asr']:.2f}%  RA {b['ra']:.2f}% -> "
+                         f"{a['ra']:.2f}%  DER {record['der']:.2f}%")
+            log(line)
+        log(f"{method}: pruned {record['pruned_count']} units in {record['seconds']:.1f} s "
+            f"({record['evaluations']} model evaluations); saved {out}")
+
+
+def open_model_from_cli(source, arch, model_def, model_args, weights_key, dataset, data_dir,
+                        attack_name, target, settings=None):
+    from .sources import open_model
+
+    return open_model(source, arch=arch, model_def=model_def, model_args=model_args,
+                      weights_key=weights_key, dataset=dataset, data_dir=data_dir,
+                      attack=attack_name, target=target, attack_options=parse_settings(settings))
 
 
 @app.command()

@@ -64,7 +64,8 @@ def contiguous_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_run(out_dir: str | Path, model: nn.Module, record: dict, force: bool = False,
              extra_files: dict[str, Any] | None = None) -> Path:
-    """Write a run directory atomically. ``extra_files`` maps names to tensors dicts or JSON."""
+    """Write a run directory atomically. ``extra_files`` maps file names to a tensor dict
+    (.safetensors), a CHW image (.png) or JSON-able data (anything else)."""
     record = {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, **record,
               "versions": versions()}
     with atomic_directory(out_dir, force=force) as tmp:
@@ -72,10 +73,21 @@ def save_run(out_dir: str | Path, model: nn.Module, record: dict, force: bool = 
         for name, content in (extra_files or {}).items():
             if name.endswith(".safetensors"):
                 save_file(content, str(tmp / name))
+            elif name.endswith(".png"):
+                save_png(content, tmp / name)
             else:
                 write_json_atomic(tmp / name, content)
         write_json_atomic(tmp / RECORD_FILE, record)
     return Path(out_dir)
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    """A CHW float image in [0, 1] (1 or 3 channels) as a PNG."""
+    from PIL import Image
+
+    array = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    array = array[0] if array.shape[0] == 1 else array.permute(1, 2, 0)
+    Image.fromarray(array.numpy()).save(path)
 
 
 @dataclass

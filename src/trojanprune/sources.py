@@ -16,7 +16,7 @@ from .runs import ModelSpec, is_run_dir, load_run
 @dataclass
 class ModelSource:
     model: nn.Module
-    spec: ModelSpec | None
+    spec: ModelSpec
     dataset: dict  # name, image_shape, num_classes, classes, image_size
     attack: object | None
     record: dict
@@ -44,9 +44,9 @@ def open_model(path: str | Path, *, arch: str | None = None, model_def: str | No
     ds = _describe_dataset(dataset, data_dir)
     c = ds["image_shape"][0]
     if model_def:
-        model = models.build_user_model(model_def, model_args, weights=str(path),
+        spec = ModelSpec(ds["num_classes"], c, model_def=model_def, kwargs=_parse_args(model_args))
+        model = models.build_user_model(model_def, spec.kwargs, weights=str(path),
                                         weights_key=weights_key)
-        spec = None
     elif arch:
         spec = ModelSpec(ds["num_classes"], c, arch=arch,
                          kwargs=models.arch_kwargs(arch, ds["image_shape"], dataset,

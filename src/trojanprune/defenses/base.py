@@ -65,6 +65,9 @@ class RepairResult:
     target: int | None = None
     details: dict[str, Any] = field(default_factory=dict)  # method-specific, JSON-able
     total_units: int | None = None
+    #: pictures worth showing a person (e.g. a reversed trigger's mask and pattern): name ->
+    #: CHW float tensor in [0, 1]; the CLI saves each as <name>.png
+    images: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,69 @@
+"""The public repair contract and its bad-input errors (DESIGN.md, Public contract)."""
+
+import json
+
+import pytest
+import torch
+
+import trojanprune as tp
+from trojanprune.errors import ConfigError, DataError
+
+
+@pytest.fixture(scope="module")
+def small():
+    torch.manual_seed(0)
+    model = tp.models.create("lenet5", 10, 1, input_size=16).eval()
+    x = torch.rand(40, 1, 16, 16)
+    y = torch.arange(40) % 10
+    return model, x, y
+
+
+def test_available_lists_the_baselines():
+    assert {"ft", "fp", "clp"} <= set(tp.defenses.available())
+
+
+def test_unknown_method_lists_valid(small):
+    model, x, y = small
+    with pytest.raises(ConfigError, match="valid methods: .*anp"):
+        tp.repair(model, (x, y), method="magic")
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda x, y: (x[:0], y[:0]), "empty"),
+    (lambda x, y: (x[:3], y[:3]), "at least"),
+    (lambda x, y: (x, y + 10), r"labels must be in 0\.\.9"),
+    (lambda x, y: (x * 255, y), r"floats in \[0, 1\]"),
+    (lambda x, y: (x[:, 0], y), "4-D"),
+    (lambda x, y: (x, y[:5]), "labels"),
+    (lambda x, y: (torch.rand(40, 3, 16, 16), y), "cannot run on the clean images"),
+])
+def test_bad_clean_data(small, make, match):
+    model, x, y = small
+    with pytest.raises(DataError, match=match):
+        tp.repair(model, make(x, y), method="ft")
+
+
+def test_data_free_call_of_a_data_method(small):
+    model, _, _ = small
+    with pytest.raises(ConfigError, match="needs clean data.*clp"):
+        tp.repair(model, None, method="ft")
+
+
+def test_unknown_option(small):
+    model, x, y = small
+    with pytest.raises(ConfigError, match="unknown option.*valid options"):
+        tp.repair(model, (x, y), method="ft", no_such_option=1)
+
+
+def test_result_contract_and_input_untouched(small):
+    model, x, y = small
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = tp.repair(model, (x, y), method="ft", seed=0, epochs=1)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"input model changed at {k}"
+    assert result.model is not model
+    assert isinstance(result.pruned, list) and result.seconds > 0
+    json.dumps(result.to_dict())
+    # a Dataset of (x, y) is accepted too
+    ds = torch.utils.data.TensorDataset(x, y)
+    tp.repair(model, ds, method="ft", seed=0, epochs=1)
