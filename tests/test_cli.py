@@ -162,3 +162,39 @@ def test_end_to_end_mnist_lenet_badnets(shared_data_dir, tmp_path):
     assert record["metrics"]["asr"] > 90, record["metrics"]
     assert record["metrics"]["acc"] > 95, record["metrics"]
     assert record["poison"]["count"] == 800
+
+
+def test_repair_writes_weights_mask_record_and_is_evaluable(digits_run, tmp_path):
+    out = tmp_path / "repaired"
+    code, text = invoke("repair", digits_run, "--method", "fp", "--clean", "300", "--out", out,
+                        "--json", stdout_only=True)
+    assert code == 0, text
+    record = json.loads(text)
+    assert {"acc", "asr", "ra"} <= set(record["before"]) and "der" in record
+    assert record["clean_images"] == 300 and record["evaluations"] > 0
+    for name in ("model.safetensors", "mask.safetensors", "repair.json", "run.json"):
+        assert (out / name).is_file(), name
+    from safetensors.torch import load_file
+
+    masks = load_file(str(out / "mask.safetensors"))
+    assert sum(int((m == 0).sum()) for m in masks.values()) == record["pruned_count"]
+    code, text = invoke("eval", out, "--json", stdout_only=True)
+    assert code == 0, text
+    assert json.loads(text)["acc"] == pytest.approx(record["after"]["acc"], abs=1e-3)
+    # the output exists now: a second repair refuses to overwrite it
+    code, text = invoke("repair", digits_run, "--method", "fp", "--out", out)
+    assert code == 2 and "already exists" in text
+
+
+def test_repair_data_free_and_bad_method(digits_run, tmp_path):
+    code, text = invoke("repair", digits_run, "--method", "clp", "--data-free", "--out",
+                        tmp_path / "clp", "--json", stdout_only=True)
+    assert code == 0, text
+    assert json.loads(text)["clean_images"] == 0
+    code, text = invoke("repair", digits_run, "--method", "nope", "--out", tmp_path / "x")
+    assert code == 2 and "valid methods" in text and "fp" in text
+    code, text = invoke("repair", digits_run, "--method", "fp", "--data-free", "--out", tmp_path / "y")
+    assert code == 2 and "needs clean data" in text
+    code, text = invoke("repair", digits_run, "--method", "fp", "--set", "bogus=1", "--out", tmp_path / "z")
+    assert code == 2 and "unknown option" in text
+    assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
