@@ -24,7 +24,7 @@ def test_available_lists_the_baselines():
 
 def test_unknown_method_lists_valid(small):
     model, x, y = small
-    with pytest.raises(ConfigError, match="valid methods: .*anp"):
+    with pytest.raises(ConfigError, match="valid methods: .*fp"):
         tp.repair(model, (x, y), method="magic")
 
 
