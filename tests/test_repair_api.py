@@ -19,7 +19,7 @@ def small():
 
 
 def test_available_lists_the_baselines():
-    assert {"ft", "fp", "clp"} <= set(tp.defenses.available())
+    assert {"ft", "fp", "clp", "anp", "rnp"} <= set(tp.defenses.available())
 
 
 def test_unknown_method_lists_valid(small):
