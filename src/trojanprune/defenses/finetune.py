@@ -142,3 +142,16 @@ def _check_masks(model: nn.Module, masks: ChannelMasks) -> None:
 
 
 __all__ = ["finetune"]
+
+
+def check_finetune_options(o) -> None:
+    """Validate the fine-tuning fields (lr, batch_size, weight_decay, momentum, augment) that
+    every fine-tuning defense's Options share."""
+    if not o.lr > 0 or o.batch_size < 1:
+        raise ConfigError(f"lr must be > 0 and batch_size >= 1; got lr={o.lr}, "
+                          f"batch_size={o.batch_size}")
+    if o.weight_decay < 0 or not 0 <= o.momentum < 1:
+        raise ConfigError(f"weight_decay must be >= 0 and momentum in [0, 1); got "
+                          f"{o.weight_decay}, {o.momentum}")
+    if o.augment not in AUGMENTATIONS:
+        raise ConfigError(f"augment must be one of {', '.join(AUGMENTATIONS)}; got {o.augment!r}")

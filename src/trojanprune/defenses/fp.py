@@ -43,11 +43,10 @@ from ..engine import (ChannelMasks, MaskEvaluator, UnitGroup, Units, apply_masks
                       discover_units)
 from ..errors import ConfigError, TrojanPruneError
 from ..progress import progress_bar
-from ..training import AUGMENTATIONS
 from ..utils import derive_seed
 from . import register
 from .base import CleanData, Defense, RepairResult
-from .finetune import finetune
+from .finetune import check_finetune_options, finetune
 
 
 @dataclass
@@ -85,14 +84,7 @@ class Options:
             raise ConfigError(f"holdout must be in (0, 1), got {self.holdout}")
         if self.finetune_epochs < 0:
             raise ConfigError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
-        if not self.lr > 0 or self.batch_size < 1:
-            raise ConfigError(f"lr must be > 0 and batch_size >= 1; got lr={self.lr}, "
-                              f"batch_size={self.batch_size}")
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise ConfigError(f"weight_decay must be >= 0 and momentum in [0, 1); got "
-                              f"{self.weight_decay}, {self.momentum}")
-        if self.augment not in AUGMENTATIONS:
-            raise ConfigError(f"augment must be one of {', '.join(AUGMENTATIONS)}; got {self.augment!r}")
+        check_finetune_options(self)
 
 
 # Masks (pruning depths k) evaluated per MaskEvaluator call; the search stops at the first chunk

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import ConfigError
-from ..training import AUGMENTATIONS
 from . import register
 from .base import CleanData, Defense, RepairResult
-from .finetune import finetune
+from .finetune import check_finetune_options, finetune
 
 
 @dataclass
@@ -45,14 +44,7 @@ class Options:
     def __post_init__(self):
         if self.epochs < 1:
             raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
-        if not self.lr > 0 or self.batch_size < 1:
-            raise ConfigError(f"lr must be > 0 and batch_size >= 1; got lr={self.lr}, "
-                              f"batch_size={self.batch_size}")
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise ConfigError(f"weight_decay must be >= 0 and momentum in [0, 1); got "
-                              f"{self.weight_decay}, {self.momentum}")
-        if self.augment not in AUGMENTATIONS:
-            raise ConfigError(f"augment must be one of {', '.join(AUGMENTATIONS)}; got {self.augment!r}")
+        check_finetune_options(self)
 
 
 @register
