@@ -45,13 +45,19 @@ def run_demo(seed: int = 0, epochs: int = 30, methods: list[str] | None = None) 
     methods = methods if methods is not None else defenses.available()
     log(f"[bold]3. repair[/bold] with {len(clean)} clean training images: {', '.join(methods) or 'no defenses yet'}")
     for method in methods:
-        needs_data = defenses.get(method).needs_data
-        result = repair(model, clean if needs_data else None, method=method, seed=seed,
+        defense = defenses.get(method)
+        needs_data = defense.needs_data or defense.per_class_images > 0
+        given = clean
+        if defense.per_class_images:  # a few-shot method gets its paper's setting
+            given = data.clean_subset(train_set, per_class=defense.per_class_images, seed=seed)
+        result = repair(model, given if needs_data else None, method=method, seed=seed,
                         progress=False)
         after = metrics.evaluate(result.model, test_set, attack)
         der = metrics.der(before["acc"] / 100, after["acc"] / 100, before["asr"] / 100,
                           after["asr"] / 100)
-        rows.append({"method": method + ("" if needs_data else " (data-free)"), **after,
+        setting = (" (data-free)" if not needs_data else
+                   f" ({defense.per_class_images}/class)" if defense.per_class_images else "")
+        rows.append({"method": method + setting, **after,
                      "der": 100 * der, "pruned": len(result.pruned), "seconds": result.seconds})
     table = Table(title=f"BadNets on {DEFAULT_DEMO_DATASET} / LeNet-5 (seed {seed})")
     for col in ("defense", "ACC %", "ASR %", "RA %", "DER %", "pruned", "seconds"):

@@ -95,12 +95,14 @@ def _jsonable(value):
 class Defense:
     """Base of every defense. A subclass sets ``name``, ``Options`` (a dataclass with
     paper-sourced, documented defaults), ``needs_data``/``min_images`` and implements
-    :meth:`run` on a private copy of the model."""
+    :meth:`run` on a private copy of the model. ``per_class_images`` is the few-shot setting a
+    method is designed for (images per class), 0 when it is meant for a larger clean set."""
 
     name: ClassVar[str]
     Options: ClassVar[type]
     needs_data: ClassVar[bool] = True
     min_images: ClassVar[int] = 10
+    per_class_images: ClassVar[int] = 0
     summary: ClassVar[str] = ""
 
     def __init__(self, seed: int = 0, device: torch.device | str = "cpu", progress: bool = False,

@@ -1,0 +1,17 @@
+"""Reverse engineering from a trained model: triggers, data, and outlier detection.
+
+- :func:`reverse_triggers` (``trigger.py``): a Neural-Cleanse-style mask and pattern for every
+  class, all classes in one batched problem, with MAD detection of the backdoor target.
+- :func:`synthesize` (``data.py``): DeepInversion-style images per class from the model alone
+  (class confidence + BatchNorm statistics + image priors), for data-free defenses.
+- :func:`detect_outlier` / :func:`anomaly_index` (``detect.py``): Neural Cleanse's MAD test.
+
+Shared by ShapPruning (its first three stages) and ONP (its default backdoor probe).
+"""
+
+from .data import SynthesizedData, synthesize
+from .detect import ANOMALY_THRESHOLD, Detection, anomaly_index, detect_outlier
+from .trigger import ReversedTriggers, reverse_triggers
+
+__all__ = ["ANOMALY_THRESHOLD", "Detection", "ReversedTriggers", "SynthesizedData",
+           "anomaly_index", "detect_outlier", "reverse_triggers", "synthesize"]

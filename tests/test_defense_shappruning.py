@@ -1,0 +1,160 @@
+"""ShapPruning end to end on the backdoored test model, a clean model, and bad input.
+
+The fixture model is narrow (224 prunable channels), so the paper's 1% budget is 3 channels;
+its backdoor is spread over ~6 channels of the last two layers, so these tests give a 3%
+budget. Step counts are cut to keep the file fast; the defaults are larger.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import trojanprune as tp
+from trojanprune import data, metrics, models
+from trojanprune.engine import apply_masks_permanently, discover_units
+from trojanprune.errors import ConfigError, DataError
+
+FAST = dict(reverse_steps=150, budget=0.03)
+
+
+@pytest.fixture(scope="session")
+def clean_model(shared_data_dir, tmp_path_factory):
+    """The backdoor fixture's twin without poisoning: narrow vgg_small, 10,000 MNIST training
+    images, 2 epochs (~10 s)."""
+    from trojanprune.training import TrainConfig, train
+    from trojanprune.utils import derive_seed
+
+    os.environ.setdefault("TROJANPRUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    full = data.load_dataset("mnist", "train", data_dir=shared_data_dir)
+    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(derive_seed(0, "t")))
+    torch.manual_seed(0)
+    model = models.create("vgg_small", 10, 1, dataset="mnist",
+                          widths=((16, 16), (32, 32), (64, 64)))
+    train(model, full.subset(order[:10000]), TrainConfig(epochs=2, lr=0.05, seed=0), progress=False)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def few(backdoor_case):
+    """One clean image per class: the few-shot setting."""
+    return data.clean_subset(backdoor_case.clean, per_class=1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def repaired(backdoor_case, few):
+    state = {k: v.clone() for k, v in backdoor_case.model.state_dict().items()}
+    result = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, **FAST)
+    assert all(torch.equal(state[k], v) for k, v in backdoor_case.model.state_dict().items())
+    return result
+
+
+def test_registered():
+    assert "shappruning" in tp.defenses.available()
+    assert not tp.defenses.get("shappruning").needs_data
+
+
+def test_detects_the_target_and_repairs_from_one_image_per_class(backdoor_case, repaired):
+    r = repaired
+    assert r.verdict == "backdoor detected" and r.target == 0
+    assert 1 <= len(r.pruned) <= 7  # ceil(3% of 224)
+    after = metrics.evaluate(r.model, backdoor_case.test, backdoor_case.attack)
+    before = backdoor_case.before
+    assert after["asr"] < 20, (before, after, r.details["mitigation"])
+    assert before["acc"] - after["acc"] < 5, (before, after)
+
+
+def test_result_carries_trigger_shapley_values_and_costs(repaired):
+    r = repaired
+    d = r.to_dict()  # JSON-able
+    details = d["details"]
+    assert details["reverse"]["target"] == 0 and len(details["reverse"]["mask_norms"]) == 10
+    assert r.images["trigger_mask"].shape == (1, 28, 28)
+    assert r.images["trigger_pattern"].shape == (1, 28, 28)
+    shap = details["shapley"]
+    assert shap["layers"] == ["features.14", "features.17"] and shap["players"] == 128
+    assert sum(len(v) for v in shap["values"].values()) == 128
+    # the accelerations: fewer evaluations than plain permutation sampling would spend
+    assert shap["evaluations"] < 0.5 * shap["evaluations_plain"]
+    assert details["evaluations"]["shapley_plain"] == shap["evaluations_plain"]
+    assert r.evaluations == sum(v for k, v in details["evaluations"].items() if k != "shapley_plain")
+    mit = details["mitigation"]
+    assert mit["pruned"] == len(r.pruned) and mit["after"]["trigger_rate"] <= mit["before"]["trigger_rate"]
+    assert d["pruned_count"] == len(r.pruned) and d["verdict"] == "backdoor detected"
+
+
+def test_shapley_ranking_beats_random_channels(backdoor_case, repaired):
+    model, test, attack = backdoor_case.model, backdoor_case.test, backdoor_case.attack
+    units = discover_units(model, test.images[:1].float() / 255).select("last:2", kind="conv")
+    values = units.join({k: torch.as_tensor(v) for k, v in repaired.details["shapley"]["values"].items()})
+    top = values.argsort(descending=True)[:6]
+    by_shapley = apply_masks_permanently(model, units, [units.unit_of(int(i)) for i in top])
+    assert metrics.evaluate(by_shapley, test, attack)["asr"] < 20
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        pick = torch.randperm(units.total, generator=g)[:6]
+        by_chance = apply_masks_permanently(model, units, [units.unit_of(int(i)) for i in pick])
+        assert metrics.evaluate(by_chance, test, attack)["asr"] > 80
+
+
+def test_data_free_end_to_end(backdoor_case):
+    r = tp.repair(backdoor_case.model, None, method="shappruning", seed=0, input_shape="1,28,28",
+                  synth_steps=300, **FAST)
+    d = r.details["data"]
+    assert d["mode"] == "data-free" and d["images"] == 20 and d["accuracy"] >= 0.9
+    assert r.verdict == "backdoor detected" and r.target == 0 and r.pruned
+    assert r.images["synthetic_images"].shape == (1, 28, 280)
+    after = metrics.evaluate(r.model, backdoor_case.test, backdoor_case.attack)
+    assert after["asr"] < 60 and backdoor_case.before["acc"] - after["acc"] < 5, after
+
+
+def test_clean_model_is_reported_clean_and_left_unpruned(clean_model, backdoor_case, few):
+    state = {k: v.clone() for k, v in clean_model.state_dict().items()}
+    r = tp.repair(clean_model, few, method="shappruning", seed=0, **FAST)
+    assert r.verdict == "no backdoor detected" and r.target is None
+    assert r.pruned == [] and "shapley" not in r.details
+    assert all(torch.equal(state[k], v) for k, v in r.model.state_dict().items())
+    # force=True prunes anyway, for the class with the smallest reversed trigger (a huge
+    # anomaly threshold makes "nothing flagged" certain with a short, cheap reverse)
+    forced = tp.repair(clean_model, few, method="shappruning", seed=0, force=True,
+                       anomaly_threshold=1e6, reverse_steps=40, permutations=20, warmup=2)
+    assert forced.verdict == "no backdoor detected" and forced.target is None
+    assert "forced" in forced.details and "shapley" in forced.details
+
+
+def test_bad_input(backdoor_case, few):
+    model = backdoor_case.model
+    x, y = few.tensors()
+    with pytest.raises(DataError, match="one clean image per class"):
+        tp.repair(model, (x[:5], y[:5]), method="shappruning")
+    with pytest.raises(ConfigError, match="allows nothing"):
+        tp.repair(model, few, method="shappruning", budget=0)
+    with pytest.raises(ConfigError):
+        tp.repair(model, few, method="shappruning", budget=1.5)
+    with pytest.raises(ConfigError):
+        tp.repair(model, few, method="shappruning", value="loss")
+    with pytest.raises(ConfigError, match="unknown unit group"):
+        tp.repair(model, few, method="shappruning", layers="no.such.layer")
+    with pytest.raises(ConfigError):
+        tp.repair(model, few, method="shappruning", discard_threshold="sometimes")
+    with pytest.raises(ConfigError):
+        tp.repair(model, None, method="shappruning", input_shape="28,28")
+    with pytest.raises(ConfigError, match="input_shape"):
+        tp.repair(model, None, method="shappruning", input_shape="3,28,28")
+
+
+def test_single_class_model_is_refused():
+    torch.manual_seed(0)
+    one = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1)).eval()
+    x, y = torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)
+    before = copy.deepcopy(one.state_dict())
+    with pytest.raises(ConfigError, match="at least 2 classes"):
+        tp.repair(one, (x, y), method="shappruning")
+    with pytest.raises(ConfigError, match="at least 2 classes"):
+        tp.repair(one, None, method="shappruning", input_shape="1,8,8")
+    assert all(torch.equal(before[k], v) for k, v in one.state_dict().items())

@@ -1,0 +1,127 @@
+"""Trigger reverse, data reverse and MAD detection (trojanprune.reverse)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from trojanprune import data, models
+from trojanprune.errors import ConfigError, DataError
+from trojanprune.reverse import (ReversedTriggers, anomaly_index, detect_outlier,
+                                 reverse_triggers, synthesize)
+from trojanprune.reverse.data import NO_BATCHNORM_WARNING
+
+
+# -- detection ---------------------------------------------------------------------------------
+
+def test_anomaly_index_matches_neural_cleanse_formula():
+    norms = torch.tensor([10.0, 50, 52, 48, 55, 45, 51, 49, 53, 47])
+    median = norms.median()
+    mad = 1.4826 * (norms - median).abs().median()
+    assert torch.allclose(anomaly_index(norms), (norms - median).abs() / mad)
+    found = detect_outlier(norms)
+    assert found.target == 0 and found.flagged == [0] and found.verdict == "backdoor detected"
+
+
+def test_only_small_norms_are_flagged():
+    # a class with a huge mask is an outlier too, but on the harmless side
+    found = detect_outlier(torch.tensor([50.0, 52, 48, 300, 51, 49, 53, 47]))
+    assert found.target is None and found.verdict == "no backdoor detected"
+    assert float(found.anomaly_index[3]) > 2
+    # the smallest of several flagged classes is the target
+    found = detect_outlier(torch.tensor([5.0, 3.0, 50, 52, 48, 51, 49, 53, 47, 50]))
+    assert found.flagged == [0, 1] and found.target == 1
+
+
+def test_detection_bad_input():
+    with pytest.raises(ConfigError):
+        anomaly_index(torch.tensor([1.0]))
+    with pytest.raises(ConfigError):
+        detect_outlier(torch.tensor([1.0, 2.0, 3.0]), threshold=0)
+
+
+# -- trigger reverse ---------------------------------------------------------------------------
+
+def test_apply_stamps_mask_and_pattern():
+    masks = torch.zeros(2, 1, 4, 4)
+    masks[1, :, :2, :2] = 1
+    patterns = torch.ones(2, 3, 4, 4) * torch.tensor([0.0, 0.5]).view(2, 1, 1, 1)
+    rev = ReversedTriggers(masks, patterns, masks.sum((1, 2, 3)), torch.ones(2), torch.zeros(2),
+                           None, 0)
+    x = torch.rand(5, 3, 4, 4)
+    assert torch.equal(rev.apply(x, 0), x)
+    out = rev.apply(x, 1)
+    assert torch.all(out[..., :2, :2] == 0.5) and torch.equal(out[..., 2:, :], x[..., 2:, :])
+    assert rev.apply(x[0], 1).shape == (3, 4, 4)
+    with pytest.raises(ConfigError):
+        rev.apply(x, 2)
+
+
+def test_reverse_finds_the_backdoor_target_from_one_image_per_class(backdoor_case):
+    few = data.clean_subset(backdoor_case.clean, per_class=1, seed=0)
+    x, y = few.tensors()
+    model = backdoor_case.model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    rev = reverse_triggers(model, x, y, 10, steps=150, seed=0)
+    assert rev.target == 0 and rev.verdict == "backdoor detected"
+    assert rev.masks.shape == (10, 1, 28, 28) and rev.patterns.shape == (10, 1, 28, 28)
+    assert rev.masks.min() >= 0 and rev.masks.max() <= 1
+    assert torch.allclose(rev.mask_norms, rev.masks.sum((1, 2, 3)))
+    # the target's trigger is tiny (the real one is a 3x3 patch) and works on the other images
+    assert rev.mask_norms[0] < 20 and rev.mask_norms[0] == rev.mask_norms.min()
+    assert rev.attack_success[0] >= 0.99 and float(rev.anomaly_index[0]) > 2
+    assert rev.evaluations == rev.steps * 10 + 10
+    with torch.no_grad():
+        stamped = rev.apply(x[y != 0], 0)
+        assert (model(stamped).argmax(1) == 0).float().mean() >= 0.99
+    # the model is untouched: same weights, no gradient written into its parameters
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert all((g is None and p.grad is None) or torch.equal(g, p.grad)
+               for g, p in zip(grads, model.parameters()))
+
+
+def test_reverse_bad_input():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x, y = torch.rand(3, 1, 4, 4), torch.arange(3)
+    with pytest.raises(ConfigError):
+        reverse_triggers(model, x, y, 1)
+    with pytest.raises(DataError):
+        reverse_triggers(model, x[:0], y[:0], 3)
+    with pytest.raises(DataError):
+        reverse_triggers(model, x, y[:2], 3)
+    with pytest.raises(ConfigError):
+        reverse_triggers(model, x, y, 3, cost_schedule="sometimes")
+    # a tiny model runs end to end with the fixed cost
+    rev = reverse_triggers(model, x, y, 3, steps=5, cost_schedule="fixed")
+    assert rev.masks.shape == (3, 1, 4, 4) and rev.steps == 5
+
+
+# -- data reverse --------------------------------------------------------------------------------
+
+def test_synthesized_images_are_classified_as_their_class(backdoor_case):
+    syn = synthesize(backdoor_case.model, 10, (1, 28, 28), per_class=1, steps=150, seed=0)
+    assert syn.x.shape == (10, 1, 28, 28) and syn.y.tolist() == list(range(10))
+    assert syn.x.min() >= 0 and syn.x.max() <= 1
+    assert syn.bn_layers == 6 and syn.warning is None
+    assert syn.accuracy >= 0.9
+    with torch.no_grad():
+        assert (backdoor_case.model(syn.x).argmax(1) == syn.y).float().mean() == syn.accuracy
+
+
+def test_data_reverse_without_batchnorm_warns_and_falls_back():
+    torch.manual_seed(0)
+    model = models.create("lenet5", 10, 1, batch_norm=False).eval()
+    with pytest.warns(RuntimeWarning, match="no BatchNorm"):
+        syn = synthesize(model, 10, (1, 28, 28), per_class=1, steps=30, seed=0)
+    assert syn.bn_layers == 0 and syn.warning == NO_BATCHNORM_WARNING
+    assert syn.x.shape == (10, 1, 28, 28)
+
+
+def test_data_reverse_bad_input():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    with pytest.raises(ConfigError):
+        synthesize(model, 1, (1, 4, 4))
+    with pytest.raises(ConfigError):
+        synthesize(model, 3, (4, 4))
