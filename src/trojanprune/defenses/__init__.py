@@ -38,6 +38,6 @@ def _load_builtin() -> None:
         importlib.import_module(f"{__name__}.{module}")
 
 
-BUILTIN: tuple[str, ...] = ("ft", "fp", "clp", "anp", "rnp", "shappruning")
+BUILTIN: tuple[str, ...] = ("ft", "fp", "clp", "anp", "rnp", "shappruning", "onp")
 
 __all__ = ["available", "get", "register", "CleanData", "Defense", "RepairResult", "DEFENSES"]

@@ -1,0 +1,362 @@
+"""Trigger-free backdoor probes: ONP's backdoor signal, pluggable.
+
+The ONP paper (Li, Yu, Yi, arXiv 2405.17746) does not publish its reward's backdoor signal;
+everything in this module is OUR design. The defender does not know the trigger, so a probe
+builds a stand-in for it from the model and the clean images, then provides:
+
+- :meth:`Probe.signal`: per-channel backdoor-sensitivity columns (flat ``(units.total, P)``),
+  which become node features of the graphs (:mod:`.graphs`);
+- :meth:`Probe.score`: a backdoor score in [0, 1] for a batch of candidate prunings (keep
+  masks ``(M, units.total)``, 1 = keep), evaluated through the engine's
+  :class:`~trojanprune.engine.MaskEvaluator` (batched; evaluations counted). Higher = the
+  backdoor still works. It enters the reward as ``- backdoor_weight * score``.
+
+Probes work on the two halves of the clean set: ``fit`` (to reverse triggers, unlearn, compute
+signals) and ``held`` (the held-out half on which candidate prunings are scored, the same images
+the reward's clean accuracy uses). The true trigger is never used.
+
+Built in:
+
+``reversed-trigger`` (default): Neural-Cleanse trigger reverse shared with ShapPruning
+    (:func:`trojanprune.reverse.reverse_triggers`) on the fit half. The presumed target is
+    ``target`` if the user gives one, else the class flagged by the MAD anomaly index, else
+    (no class flagged) the class with the smallest reversed mask. Score: the reversed
+    trigger's success rate on the held-out images not of the target class, stamped with it,
+    counted with a safety margin: a stamped image still counts as backdoored while the target
+    logit is within ``score_margin`` (2.0) of the top logit, i.e. while the target keeps at
+    least about e^-2 = 1/7 of the top class's probability. Why: a reversed trigger is a
+    minimal, weaker stand-in for the real one (on the test fixture it is a few of the real
+    patch's pixels), so a pruning that merely tips it below the decision boundary often leaves
+    the real trigger working. Calibration (pruning the top-k channels of the activation-shift
+    signal, reversed-trigger score vs the true trigger's ASR): on the MNIST test fixture, the
+    plain rate gives 0.18 / 0.04 where the true ASR is 0.78 / 0.35, a margin of 2.4 logits
+    gives 0.62 / 0.33; on the CIFAR-10 vgg_small BadNets zoo model the plain rate gives
+    0.34 / 0.02 for a true 0.44 / 0.08, a margin of 1.9 gives 0.66 / 0.26, while a margin of
+    7.6 (that model's median unpruned margin) stays above 0.99 after the backdoor is gone.
+    ``score_margin=0`` gives the plain success rate. Signal: (1) the change of each channel's
+    mean activation when the fit images are stamped, in units of its clean standard deviation
+    (Neural Cleanse's own pruning criterion, normalized); (2) a first-order (Taylor) estimate of
+    how much removing the channel lowers the target margin on stamped images.
+``anp``: Signal: ``1 - m`` for ANP's optimized neuron masks ``m`` (Wu & Wang, NeurIPS 2021;
+    :func:`trojanprune.defenses.neuron_perturbation.anp_mask_scores` on the fit half; low mask
+    = sensitive to adversarial neuron perturbation = suspect). Score: the share of the excess
+    suspicion (each unit's ``1 - m`` above the network's median, normalized to sum 1) that a
+    pruning keeps; pruning every suspect scores 0. No forward pass: we first scored prunings
+    by the collapse of the network into one class under a fixed adversarial perturbation, but
+    on the test fixture the perturbation collapsed it into a class that is not the target and
+    no pruning changed that.
+``unlearn``: RNP-style (Li et al., ICML 2023): a copy of the model is unlearned on the fit half
+    (gradient ascent until clean accuracy <= ``unlearn_threshold``, 0.2) and masks that recover
+    its clean accuracy are learned (:func:`trojanprune.defenses.rnp.unlearn`,
+    :func:`~trojanprune.defenses.rnp.recover_masks`). Signal: ``1 - m`` for the recovered masks
+    (RNP's criterion: the channels the recovery switches off). Score: as ``anp``, the share of
+    excess suspicion kept. (The unlearned model collapses into the target class, but hard
+    pruning lowers that collapse about as much for random channels as for the backdoor ones,
+    so it is no score.) ``target`` is reported as the unlearned model's most predicted class.
+
+A new probe: subclass :class:`Probe` and decorate it with :func:`register_probe`; ONP then
+accepts ``probe="<name>"``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..defenses.base import CleanData
+from ..engine import ChannelMasks, MaskEvaluator, Units
+from ..errors import ConfigError, DataError
+from ..registry import Registry
+from ..utils import derive_seed
+from .graphs import channel_activations
+
+PROBES: Registry = Registry("probe")
+
+
+def register_probe(cls):
+    """Class decorator: make a :class:`Probe` subclass available as ``probe=cls.name``."""
+    PROBES.register(cls.name)(cls)
+    return cls
+
+
+def available_probes() -> list[str]:
+    return PROBES.available()
+
+
+def create_probe(name: str, model: nn.Module, units: Units, fit: CleanData, held: CleanData,
+                 options: Any, seed: int = 0, progress: bool = False) -> "Probe":
+    """Build and prepare the probe ``name`` (see :class:`Probe` for the arguments)."""
+    return PROBES.get(name)(model, units, fit, held, options, seed=seed, progress=progress)
+
+
+class Probe:
+    """A trigger-free backdoor probe (base class).
+
+    Args:
+        model: the (private copy of the) model under repair; a probe must not modify it.
+        units: its prunable units; masks and signals are flat over ``units.total``.
+        fit: clean images for the probe's own work (trigger reverse, unlearning, signals).
+        held: held-out clean images on which :meth:`score` judges candidate prunings.
+        options: ONP's :class:`~trojanprune.defenses.onp.Options` (a probe reads the fields it
+            needs, e.g. ``target``, ``reverse_steps``).
+        seed: seeds every random choice of the probe.
+        progress: show progress bars.
+
+    Subclasses do their preparation in ``__init__`` and set :attr:`target`,
+    :attr:`signal_names`; they implement :meth:`signal` and :meth:`score` and add the
+    forward passes they spend outside their evaluators to :attr:`setup_evaluations`.
+    """
+
+    name: ClassVar[str]
+    signal_names: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module, units: Units, fit: CleanData, held: CleanData,
+                 options: Any, seed: int = 0, progress: bool = False):
+        self.model, self.units, self.fit, self.held = model, units, fit, held
+        self.options, self.seed, self.progress = options, seed, progress
+        self.target: int | None = None
+        self.setup_evaluations = 0
+        self.images: dict[str, torch.Tensor] = {}
+        self._evaluators: list[MaskEvaluator] = []
+
+    def signal(self) -> torch.Tensor:
+        """(units.total, P) per-channel backdoor sensitivity (higher = more suspect)."""
+        raise NotImplementedError
+
+    def score(self, masks: torch.Tensor) -> torch.Tensor:
+        """(M,) backdoor score in [0, 1] of each keep mask in ``masks`` (M, units.total)."""
+        raise NotImplementedError
+
+    @property
+    def evaluations(self) -> int:
+        """Forward passes over the probe's image sets, setup included."""
+        return self.setup_evaluations + sum(ev.evaluations for ev in self._evaluators)
+
+    def details(self) -> dict[str, Any]:
+        """JSON-able facts about the probe (target, how it was chosen, ...)."""
+        return {"probe": self.name, "target": self.target}
+
+    # -- helpers for subclasses ----------------------------------------------------------
+    def _evaluator(self, model: nn.Module, images: torch.Tensor) -> MaskEvaluator:
+        ev = MaskEvaluator(model, self.units, images)
+        self._evaluators.append(ev)
+        return ev
+
+    def _user_target(self) -> int | None:
+        target = getattr(self.options, "target", None)
+        if target is None:
+            return None
+        if not 0 <= int(target) < self.fit.num_classes:
+            raise ConfigError(f"target must be a class in 0..{self.fit.num_classes - 1}, got {target}")
+        return int(target)
+
+    def _off_target(self, data: CleanData, target: int, what: str) -> torch.Tensor:
+        x = data.x[data.y != target]
+        if len(x) == 0:
+            raise DataError(f"the {what} clean images are all of class {target} (the presumed "
+                            "target); the backdoor probe needs images of other classes")
+        return x
+
+
+# ------------------------------------------------------------------------------------------
+# shared signal computations
+# ------------------------------------------------------------------------------------------
+
+def margin_taylor(model: nn.Module, units: Units, images: torch.Tensor, target: int,
+                  batch_size: int = 128) -> torch.Tensor:
+    """(total,) first-order estimate of how much removing each unit LOWERS the mean target
+    margin (target logit - best other logit) on ``images``: ``dmargin/dm`` at mask 1 (removing
+    unit i moves its mask from 1 to 0, changing the margin by about ``-dmargin/dm_i``)."""
+    mask = torch.ones(units.total, device=images.device, requires_grad=True)
+    grad = torch.zeros(units.total, device=images.device)
+    with ChannelMasks(model, units, mask), torch.enable_grad():
+        for start in range(0, len(images), batch_size):
+            logits = model(images[start:start + batch_size])
+            own = logits[:, target]
+            other = logits.clone()
+            other[:, target] = float("-inf")
+            margin = (own - other.amax(1)).sum() / len(images)
+            grad += torch.autograd.grad(margin, mask)[0]
+    return grad.detach().float().cpu()
+
+
+def activation_shift(model: nn.Module, units: Units, clean: torch.Tensor,
+                     stamped: torch.Tensor) -> torch.Tensor:
+    """(total,) mean activation change from ``clean`` to ``stamped`` images (same images,
+    paired), in units of the channel's standard deviation on clean images."""
+    mean_c, std_c, _ = channel_activations(model, units, clean)
+    mean_s, _, _ = channel_activations(model, units, stamped)
+    return (mean_s - mean_c) / (std_c + 1e-3 * std_c.mean() + 1e-8)
+
+
+# ------------------------------------------------------------------------------------------
+# built-in probes
+# ------------------------------------------------------------------------------------------
+
+@register_probe
+class ReversedTriggerProbe(Probe):
+    """Backdoor score = success rate of the Neural-Cleanse-reversed trigger (see module doc)."""
+
+    name = "reversed-trigger"
+    signal_names = ("trigger_act_shift", "trigger_taylor")
+
+    def __init__(self, model, units, fit, held, options, seed=0, progress=False):
+        super().__init__(model, units, fit, held, options, seed, progress)
+        from ..reverse import reverse_triggers
+
+        kwargs = {}
+        if getattr(options, "reverse_steps", None) is not None:
+            kwargs["steps"] = int(options.reverse_steps)
+        if getattr(options, "reverse_batch_size", None) is not None:
+            kwargs["batch_size"] = int(options.reverse_batch_size)
+        self.reversed = reverse_triggers(model, fit.x, fit.y, fit.num_classes,
+                                         seed=derive_seed(seed, "onp-reverse"), progress=progress,
+                                         **kwargs)
+        self.setup_evaluations += self.reversed.evaluations
+        user = self._user_target()
+        if user is not None:
+            self.target, self.target_source = user, "given by the user (option target)"
+        elif self.reversed.target is not None:
+            self.target, self.target_source = self.reversed.target, "flagged by the MAD anomaly index"
+        else:
+            self.target = int(self.reversed.mask_norms.argmin())
+            self.target_source = ("no class flagged by the anomaly index: the class with the "
+                                  "smallest reversed mask (set option target to choose)")
+        t = self.target
+        stamped_held = self.reversed.apply(self._off_target(held, t, "held-out"), t)
+        self._score_ev = self._evaluator(model, stamped_held)
+        fit_x = self._off_target(fit, t, "fit")
+        stamped_fit = self.reversed.apply(fit_x, t)
+        self._signal = torch.stack([activation_shift(model, units, fit_x, stamped_fit),
+                                    margin_taylor(model, units, stamped_fit, t)], 1)
+        self.setup_evaluations += 3  # two activation passes and one gradient pass over the fit images
+        self.images = {"reversed_trigger_mask": self.reversed.masks[t].clamp(0, 1),
+                       "reversed_trigger_pattern": (self.reversed.masks[t] * self.reversed.patterns[t]).clamp(0, 1)}
+        self.score_margin = float(getattr(options, "score_margin", 2.0))
+
+    def signal(self) -> torch.Tensor:
+        return self._signal
+
+    def _margins(self, masks: torch.Tensor) -> torch.Tensor:
+        """(M, B) target logit minus the best other logit, per stamped held-out image."""
+        logits = self._score_ev.logits(masks)
+        own = logits[..., self.target]
+        other = logits.clone()
+        other[..., self.target] = float("-inf")
+        return own - other.amax(-1)
+
+    def score(self, masks: torch.Tensor) -> torch.Tensor:
+        return (self._margins(masks) > -self.score_margin).float().mean(1)
+
+    def details(self) -> dict[str, Any]:
+        return {"probe": self.name, "target": self.target, "target_source": self.target_source,
+                "score_margin": round(self.score_margin, 4), "reverse": self.reversed.summary()}
+
+
+def suspicion_weights(suspicion: torch.Tensor) -> torch.Tensor:
+    """(total,) non-negative weights summing to 1: each unit's suspicion in excess of the
+    network's median unit (most units are not suspect at all)."""
+    excess = (suspicion.float() - suspicion.float().median()).clamp_min(0)
+    total = excess.sum()
+    if not total > 0:
+        return torch.zeros_like(excess)
+    return excess / total
+
+
+class _MaskSuspicionProbe(Probe):
+    """Shared by the ``anp`` and ``unlearn`` probes: a learned neuron mask ``m`` per unit (low =
+    suspect), signal ``1 - m``, score = the share of the excess suspicion the pruning keeps."""
+
+    def _set_suspicion(self, masks: torch.Tensor) -> None:
+        self.mask_values = masks.detach().float().cpu()
+        self._signal = (1 - self.mask_values)[:, None]
+        self._weights = suspicion_weights(1 - self.mask_values)
+
+    def signal(self) -> torch.Tensor:
+        return self._signal
+
+    def score(self, masks: torch.Tensor) -> torch.Tensor:
+        keep = torch.as_tensor(masks, dtype=torch.float32).cpu().clamp(0, 1)
+        if keep.dim() == 1:
+            keep = keep[None]
+        if not bool(self._weights.sum() > 0):
+            return torch.zeros(keep.shape[0])
+        return keep @ self._weights
+
+    def _suspects(self, n: int = 10) -> list[list]:
+        order = torch.argsort(self.mask_values, stable=True)[:n]
+        return [[*self.units.unit_of(int(i)), round(float(self.mask_values[i]), 4)] for i in order]
+
+
+@register_probe
+class ANPProbe(_MaskSuspicionProbe):
+    """Signal: ANP's neuron masks; score: the share of their suspicion a pruning keeps."""
+
+    name = "anp"
+    signal_names = ("anp_suspicion",)
+
+    def __init__(self, model, units, fit, held, options, seed=0, progress=False):
+        super().__init__(model, units, fit, held, options, seed, progress)
+        from ..defenses.neuron_perturbation import anp_mask_scores
+
+        anp_options = {"eps": float(getattr(options, "anp_eps", 0.4)),
+                       "iterations": int(getattr(options, "anp_iterations", 2000))}
+        masks, spent = anp_mask_scores(model, units, fit, anp_options,
+                                       seed=derive_seed(seed, "onp-anp"), progress=progress)
+        self.setup_evaluations += spent
+        self.target = self._user_target()
+        self._set_suspicion(masks)
+
+    def details(self) -> dict[str, Any]:
+        return {"probe": self.name, "target": self.target,
+                "most_suspect_units": self._suspects()}
+
+
+@register_probe
+class UnlearnProbe(_MaskSuspicionProbe):
+    """Signal: RNP's recovered masks on the unlearned model; score: the share of their
+    suspicion a pruning keeps."""
+
+    name = "unlearn"
+    signal_names = ("rnp_suspicion",)
+
+    def __init__(self, model, units, fit, held, options, seed=0, progress=False):
+        super().__init__(model, units, fit, held, options, seed, progress)
+        from ..defenses.base import make_options
+        from ..defenses.rnp import Options as RNPOptions
+        from ..defenses.rnp import recover_masks, unlearn
+
+        rnp = make_options(RNPOptions, {
+            "unlearn_lr": float(getattr(options, "unlearn_lr", 0.01)),
+            "clean_threshold": float(getattr(options, "unlearn_threshold", 0.2)),
+            "unlearn_epochs": int(getattr(options, "unlearn_epochs", 20)),
+            "recover_epochs": int(getattr(options, "recover_epochs", 20)),
+        }, "rnp")
+        gen = torch.Generator().manual_seed(derive_seed(seed, "onp-unlearn"))
+        unlearned, self.unlearn_info = unlearn(model, fit, rnp, gen, progress)
+        masks, self.recover_info = recover_masks(unlearned, units, fit, rnp, gen, progress)
+        with torch.no_grad():
+            pred = torch.cat([unlearned(fit.x[s:s + 256]).argmax(1) for s in range(0, len(fit), 256)])
+        del unlearned
+        self.setup_evaluations += self.unlearn_info["epochs"] + rnp.recover_epochs + 1
+        counts = torch.bincount(pred.cpu(), minlength=fit.num_classes)
+        self.collapse = [round(float(c) / len(fit), 4) for c in counts]
+        user = self._user_target()
+        # Informative only (the score does not use it): the unlearned model's favourite class.
+        self.target = user if user is not None else int(counts.argmax())
+        self._set_suspicion(masks)
+
+    def details(self) -> dict[str, Any]:
+        return {"probe": self.name, "target": self.target,
+                "target_source": "the class the unlearned model predicts most (informative)",
+                "unlearned_predicted_fraction": self.collapse,
+                "unlearn": {k: self.unlearn_info[k] for k in ("epochs", "reached_threshold")},
+                "recover_epochs": self.recover_info["epochs"],
+                "most_suspect_units": self._suspects()}
+
+
+__all__ = ["PROBES", "ANPProbe", "Probe", "ReversedTriggerProbe", "UnlearnProbe",
+           "activation_shift", "available_probes", "create_probe", "margin_taylor", "register_probe",
+           "suspicion_weights"]

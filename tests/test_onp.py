@@ -1,0 +1,361 @@
+"""ONP (Optimized Neuron Pruning): the layer graphs, the PPO agent learning on a real backdoor
+(and cutting the true trigger's ASR, which the defense never sees), determinism, the probes,
+and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import trojanprune as tp
+from trojanprune import models
+from trojanprune.defenses.base import CleanData
+from trojanprune.engine import MaskEvaluator, discover_units
+from trojanprune.errors import ConfigError, DataError, TrojanPruneError
+from trojanprune.metrics import evaluate
+from trojanprune.onp.graphs import (GraphBuildError, build_graphs, channel_weights,
+                                    cosine_similarity_matrix)
+from trojanprune.onp.probes import PROBES, Probe, create_probe, register_probe
+
+# A shorter trigger reverse than Neural Cleanse's 300 steps x 32 images per class keeps this
+# file fast; on the fixture it still flags the real target (class 0).
+FAST_REVERSE = dict(reverse_steps=150, reverse_batch_size=8)
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(model, state):
+    return all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+# -- cheap probes for the tests of the plumbing (registered once, test-only) ------------------
+
+class _TestProbe(Probe):
+    """Signal: a seeded random column; score: the kept fraction of the first 8 units. Cheap;
+    it knows nothing about backdoors (the real probes are tested separately)."""
+
+    name = "test-cheap"
+    signal_names = ("noise",)
+
+    def __init__(self, model, units, fit, held, options, seed=0, progress=False):
+        super().__init__(model, units, fit, held, options, seed, progress)
+        g = torch.Generator().manual_seed(seed)
+        self._signal = torch.randn(units.total, 1, generator=g)
+
+    def signal(self):
+        return self._signal
+
+    def score(self, masks):
+        return torch.as_tensor(masks, dtype=torch.float32)[:, :8].mean(1)
+
+
+class _NaNProbe(_TestProbe):
+    name = "test-nan"
+
+    def score(self, masks):
+        return torch.full((len(masks),), float("nan"))
+
+
+for _cls in (_TestProbe, _NaNProbe):
+    if _cls.name not in PROBES:
+        register_probe(_cls)
+
+CHEAP = dict(probe="test-cheap", episodes=8, episodes_per_update=4)
+
+
+def _small_clean(case, n):
+    x, y = case.clean.tensors()
+    return x[:n], y[:n]
+
+
+# -- graphs -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def resnet_graphs():
+    torch.manual_seed(0)
+    model = models.create("resnet20", 10).eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(16, 3, 32, 32, generator=g), torch.arange(16) % 10
+    units = discover_units(model, x[:1])
+    signal = torch.randn(units.total, generator=g)
+    return model, units, x, y, signal
+
+
+def test_graph_nodes_are_channels_and_residual_groups_share_nodes(resnet_graphs):
+    model, units, x, y, signal = resnet_graphs
+    graphs = build_graphs(model, units, x, y, signal, ["probe"])
+    assert graphs.num_nodes == units.total == sum(g.size for g in units)
+    assert len(graphs.layers) == len(units)
+    residual = [g for g in units if g.residual]
+    assert residual, "resnet20 must have residual unit groups"
+    for layer, group, offset in zip(graphs.layers, units, units.offsets):
+        assert layer.size == group.size and layer.offset == offset  # one node per channel
+        assert int((graphs.batch == graphs.layers.index(layer)).sum()) == group.size
+    # a residual group is ONE graph whose node c stands for channel c of every conv writing
+    # into the stream: its weight vector concatenates all of their filters
+    stream = residual[0]
+    producers = [model.get_submodule(p) for p in stream.producers]
+    assert len(producers) > 1
+    w = channel_weights(model, stream)
+    assert w.shape == (stream.size, sum(p.weight[0].numel() for p in producers))
+    layer = graphs.layers[units.names.index(stream.name)]
+    assert torch.allclose(layer.raw["l1_norm"], sum(p.weight.detach().abs().flatten(1).sum(1) for p in producers))
+    assert bool(graphs.feature("residual")[units.offset(stream.name)]) is True
+    # edges stay inside their layer and features are finite
+    lo = torch.tensor(units.offsets)[graphs.batch[graphs.edge_index[0]]]
+    hi = lo + torch.tensor([g.size for g in units])[graphs.batch[graphs.edge_index[0]]]
+    assert bool(((graphs.edge_index >= lo) & (graphs.edge_index < hi)).all())
+    assert torch.isfinite(graphs.x).all()
+    assert graphs.x.shape == (units.total, len(graphs.feature_names))
+    assert {"l1_norm", "act_mean", "act_std", "bn_scale", "bn_shift", "depth", "probe",
+            "probe_global"} <= set(graphs.feature_names)
+    depth = graphs.feature("depth")
+    assert float(depth[0]) == 0.0 and float(depth[-1]) == 1.0
+    data = graphs.to_pyg()
+    assert data.num_nodes == units.total and data.edge_index.shape == graphs.edge_index.shape
+
+
+@pytest.mark.parametrize("rule", ["quantile", "neighbours"])
+def test_edges_follow_the_threshold_and_dormant_channels_stay_unlinked(resnet_graphs, rule):
+    model, units, x, y, signal = resnet_graphs
+    graphs = build_graphs(model, units, x, y, signal, edge_rule=rule, edge_quantile=0.8,
+                          edge_neighbours=3)
+    some_dormant = False
+    for layer, group in zip(graphs.layers, units):
+        sim = cosine_similarity_matrix(channel_weights(model, group))
+        expected = (sim > layer.threshold)
+        expected.fill_diagonal_(False)
+        got = torch.zeros_like(expected)
+        got[layer.edge_index[0], layer.edge_index[1]] = True
+        assert torch.equal(got, expected), layer.group  # exactly the pairs above the threshold
+        assert torch.equal(got, got.T)
+        assert layer.threshold >= layer.rule_threshold
+        if layer.dormant.any():
+            some_dormant = True
+            assert not got[layer.dormant].any() and not got[:, layer.dormant].any()
+        else:
+            assert layer.threshold == layer.rule_threshold
+    assert some_dormant  # an untrained resnet20 has dead channels after its ReLUs
+    # the neighbour rule gives a typical node about that many neighbours, unless dormant
+    # channels forced the threshold up
+    if rule == "neighbours":
+        free = [g for g in graphs.layers if not g.dormant.any() and g.size > 8]
+        degrees = [2 * g.num_edges / g.size for g in free]
+        assert free and all(1.5 <= d <= 6 for d in degrees), degrees
+
+
+def test_graph_builder_names_the_layer_it_cannot_map(resnet_graphs, backdoor_case):
+    model, units, x, y, _ = resnet_graphs
+    broken = models.create("resnet20", 10).eval()
+    with torch.no_grad():
+        broken.get_submodule("layer2.0.conv1").weight[3, 0, 0, 0] = float("nan")
+    with pytest.raises(GraphBuildError, match="layer2.0.conv1"):
+        build_graphs(broken, discover_units(broken, x[:1]), x, y)
+    other = discover_units(backdoor_case.model, backdoor_case.clean.tensors()[0][:1])
+    with pytest.raises(GraphBuildError, match="features"):  # units of a different model
+        build_graphs(model, other, x, y)
+    with pytest.raises(ConfigError, match="edge_rule"):
+        build_graphs(model, units, x, y, edge_rule="knn")
+
+
+# -- the agent on a real backdoor ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def onp_run(backdoor_case):
+    """ONP as shipped, with fewer episodes (128 instead of 192) and a shorter trigger reverse."""
+    case = backdoor_case
+    state = _state(case.model)
+    result = tp.repair(case.model, case.clean, method="onp", seed=0, episodes=128, **FAST_REVERSE)
+    return result, state
+
+
+def test_agent_learns_and_the_pruning_removes_the_backdoor(backdoor_case, onp_run):
+    case = backdoor_case
+    result, state = onp_run
+    d = result.details
+    curve = d["reward_curve"]  # mean reward of each PPO batch of 16 episodes
+    after = evaluate(result.model, case.test, case.attack)
+    print("ONP: before", case.before, "after", after, "pruned", result.pruned, "curve", curve,
+          "choice", d["choice"], f"{result.seconds:.1f}s", "evaluations", result.evaluations)
+    # the reward improves over episodes: the policy starts from the probe's signal, pruning
+    # ~2% of the channels more or less at random, which often costs accuracy (and the penalty
+    # beyond 2 points); it learns which channels carry the reversed trigger and which are
+    # needed. (Measured on seeds 0-3: the second half beats the first by 0.27 to 0.68.)
+    assert len(curve) == 8
+    assert sum(curve[4:]) / 4 > sum(curve[:4]) / 4 + 0.2, curve
+    # the reversed trigger (the probe) was found for the real target, and the final pruning
+    # cuts the TRUE trigger's ASR, which ONP never saw, while keeping accuracy
+    assert result.target == 0 and d["probe"]["target_source"].startswith("flagged")
+    assert after["asr"] < 20, after
+    assert case.before["acc"] - after["acc"] < 4, after
+    assert 0 < len(result.pruned) <= 0.1 * result.total_units
+    assert d["choice"]["held_out_acc"] >= d["unpruned"]["acc"] - 0.02 - 1e-9
+    # the input model is untouched, nothing left hooked
+    assert _same_state(case.model, state), "the input model was modified"
+    assert not any(m._forward_hooks for m in case.model.modules())
+    assert not any(m._forward_hooks for m in result.model.modules())
+
+
+def test_result_records_policy_scores_curve_and_evaluations(backdoor_case, onp_run):
+    result, _ = onp_run
+    d = result.details
+    units = discover_units(backdoor_case.model, backdoor_case.clean.tensors()[0][:1])
+    probs = d["policy_prune_probability"]
+    assert list(probs) == list(units.names)
+    assert all(len(probs[g.name]) == g.size for g in units)
+    assert all(0 <= p <= 1 for v in probs.values() for p in v)
+    assert len(d["episodes"]["reward"]) == 128
+    assert result.evaluations == sum(d["evaluations_by_part"].values())
+    # two evaluations per episode (held-out accuracy and reversed-trigger success) at least
+    assert d["evaluations_by_part"]["reward_accuracy"] >= 129
+    assert d["evaluations_by_part"]["probe"] >= d["probe"]["reverse"]["evaluations"] + 129
+    assert {"reversed_trigger_mask", "reversed_trigger_pattern"} <= set(result.images)
+    # what is pruned is what the engine removed: the pruned channels are zero
+    for name, ch in result.pruned:
+        assert float(result.model.get_submodule(name).weight[ch].abs().sum()) == 0.0
+    json.dumps(result.to_dict())
+
+
+def test_same_seed_same_pruning(backdoor_case):
+    case = backdoor_case
+    opts = dict(seed=3, episodes=16, episodes_per_update=8, reverse_steps=10, reverse_batch_size=4)
+    a = tp.repair(case.model, case.clean, method="onp", **opts)
+    b = tp.repair(case.model, case.clean, method="onp", **opts)
+    assert a.pruned == b.pruned
+    assert a.details["episodes"] == b.details["episodes"]
+    assert a.details["policy_prune_probability"] == b.details["policy_prune_probability"]
+
+
+# -- the probes ----------------------------------------------------------------------------------
+
+def test_reversed_trigger_probe_score_target_and_fallback(backdoor_case, monkeypatch):
+    import dataclasses
+
+    import trojanprune.reverse as reverse
+    from trojanprune.defenses.onp import Options
+
+    case = backdoor_case
+    x, y = case.clean.tensors()
+    fit, held = CleanData(x, y, 10).split(0.5, seed=0)
+    units = discover_units(case.model, x[:1])
+    quick = dict(reverse_steps=5, reverse_batch_size=4)
+    plain = create_probe("reversed-trigger", case.model, units, fit, held,
+                         Options(score_margin=0.0, **quick), seed=0)
+    t = plain.target
+    masks = torch.ones(3, units.total)
+    masks[1, :40] = 0
+    masks[2, 100:] = 0
+    # score_margin=0: exactly the reversed trigger's success rate on the stamped held-out images
+    stamped = plain.reversed.apply(held.x[held.y != t], t)
+    expected = MaskEvaluator(case.model, units, stamped).target_rate(masks, t)
+    assert torch.equal(plain.score(masks).cpu(), expected.cpu())
+    strict = create_probe("reversed-trigger", case.model, units, fit, held,
+                          Options(score_margin=2.0, **quick), seed=0)
+    assert bool((strict.score(masks) >= plain.score(masks)).all())
+    assert strict.evaluations >= strict.reversed.evaluations + 3 * 1
+    assert strict.signal().shape == (units.total, 2)
+    # no class flagged: the smallest reversed mask is the presumed target; the user may fix it
+    original = reverse.reverse_triggers
+    monkeypatch.setattr(reverse, "reverse_triggers",
+                        lambda *a, **k: dataclasses.replace(original(*a, **k), target=None, flagged=[]))
+    fallback = create_probe("reversed-trigger", case.model, units, fit, held, Options(**quick), seed=0)
+    assert fallback.target == int(fallback.reversed.mask_norms.argmin())
+    assert "smallest reversed mask" in fallback.details()["target_source"]
+    fixed = create_probe("reversed-trigger", case.model, units, fit, held, Options(target=7, **quick), seed=0)
+    assert fixed.target == 7 and "user" in fixed.details()["target_source"]
+    with pytest.raises(ConfigError, match="target must be a class"):
+        create_probe("reversed-trigger", case.model, units, fit, held, Options(target=12, **quick))
+
+
+@pytest.mark.parametrize("probe,opts", [("anp", {"anp_iterations": 20}),
+                                        ("unlearn", {"unlearn_epochs": 5, "recover_epochs": 3})])
+def test_other_probes_give_signals_and_scores(backdoor_case, probe, opts):
+    from trojanprune.defenses.onp import Options
+
+    case = backdoor_case
+    x, y = case.clean.tensors()
+    fit, held = CleanData(x, y, 10).split(0.5, seed=0)
+    units = discover_units(case.model, x[:1])
+    p = create_probe(probe, case.model, units, fit, held, Options(probe=probe, **opts), seed=0)
+    s = p.signal()
+    assert s.shape == (units.total, len(p.signal_names)) and torch.isfinite(s).all()
+    keep_all, prune_suspects = torch.ones(units.total), torch.ones(units.total)
+    prune_suspects[s[:, 0].argsort(descending=True)[:20]] = 0
+    scores = p.score(torch.stack([keep_all, prune_suspects]))
+    assert abs(float(scores[0]) - 1) < 1e-5 and float(scores[1]) < float(scores[0])
+    assert p.evaluations > 0
+    json.dumps(p.details())
+
+
+def test_unlearn_probe_runs_through_the_defense(backdoor_case):
+    case = backdoor_case
+    r = tp.repair(case.model, case.clean, method="onp", probe="unlearn", unlearn_epochs=5,
+                  recover_epochs=3, episodes=8, episodes_per_update=4)
+    assert r.details["probe"]["probe"] == "unlearn" and len(r.details["reward_curve"]) == 2
+
+
+def test_encoders_convs_and_edge_rules(backdoor_case):
+    case = backdoor_case
+    for extra in ({"encoder": "mlp"}, {"conv": "gat"}, {"edge_rule": "neighbours", "gnn_layers": 3}):
+        r = tp.repair(case.model, case.clean, method="onp", **CHEAP, **extra)
+        assert len(r.details["episodes"]["reward"]) == 8, extra
+        assert r.options[next(iter(extra))] == next(iter(extra.values()))
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+def test_bad_inputs_give_clear_errors_and_leave_the_model_alone(backdoor_case):
+    case = backdoor_case
+    state = _state(case.model)
+    x, y = case.clean.tensors()
+    with pytest.raises(DataError, match="at least 50"):
+        tp.repair(case.model, (x[:40], y[:40]), method="onp", **CHEAP)
+    with pytest.raises(DataError, match="too few clean images for ONP's split"):
+        tp.repair(case.model, (x[:60], y[:60]), method="onp", holdout=0.05, **CHEAP)
+    with pytest.raises(ConfigError, match="episodes must be an integer >= 1"):
+        tp.repair(case.model, case.clean, method="onp", episodes=0)
+    with pytest.raises(ConfigError, match="unknown probe"):
+        tp.repair(case.model, case.clean, method="onp", probe="oracle")
+    with pytest.raises(ConfigError, match="encoder"):
+        tp.repair(case.model, case.clean, method="onp", encoder="transformer")
+    with pytest.raises(ConfigError, match="target"):
+        tp.repair(case.model, case.clean, method="onp", target="zero")
+    with pytest.raises(DataError, match="reward is NaN"):
+        tp.repair(case.model, case.clean, method="onp", **{**CHEAP, "probe": "test-nan"})
+    broken = models.create("vgg_small", 10, 1, dataset="mnist", widths=((16, 16), (32, 32), (64, 64)))
+    broken.load_state_dict(case.model.state_dict())
+    with torch.no_grad():
+        broken.features[7].weight[0, 0, 0, 0] = float("inf")
+    broken_state = _state(broken)
+    with pytest.raises(GraphBuildError, match="features.7"):
+        tp.repair(broken, case.clean, method="onp", **CHEAP)
+    assert issubclass(GraphBuildError, TrojanPruneError)
+    assert _same_state(broken, broken_state)
+    assert _same_state(case.model, state)
+    assert not any(m._forward_hooks for m in case.model.modules())
+
+
+def test_fewer_than_500_images_warns_but_runs(backdoor_case):
+    case = backdoor_case
+    with pytest.warns(UserWarning, match="only 120 clean images"):
+        r = tp.repair(case.model, _small_clean(case, 120), method="onp", **CHEAP)
+    parts = r.details["clean_images"]
+    assert parts["fit"] + parts["held_out"] == 120 and abs(parts["fit"] - parts["held_out"]) <= 10
+
+
+def test_options_from_cli_strings(backdoor_case):
+    from trojanprune.defenses.base import make_options
+    from trojanprune.defenses.onp import Options
+
+    o = make_options(Options, {"target": "3", "reverse_steps": "none", "episodes": "64",
+                               "score_margin": "0", "encoder": "mlp"}, "onp")
+    assert (o.target, o.reverse_steps, o.episodes, o.score_margin, o.encoder) == (3, None, 64, 0.0, "mlp")
+    assert math.isclose(Options().backdoor_weight, 1.0)
+    with pytest.raises(ConfigError, match="backdoor_weight"):
+        make_options(Options, {"backdoor_weight": "nan"}, "onp")
