@@ -143,8 +143,8 @@ def main() -> None:
                                progress=args.progress, **options)
             seconds = time.perf_counter() - start
             after = metrics.evaluate(result.model, test, attack)
-            der = metrics.der(before["acc"] / 100, after["acc"] / 100, before["asr"] / 100,
-                              after["asr"] / 100) if attack is not None else float("nan")
+            der = 100 * metrics.der(before["acc"] / 100, after["acc"] / 100, before["asr"] / 100,
+                                    after["asr"] / 100) if attack is not None else float("nan")
             true_target = getattr(attack, "target", None)
             row = {"run": str(run_dir), "arch": arch, "attack": attack_name, "method": label,
                    "options": options, "before": before, "after": after, "der": der,
@@ -160,7 +160,7 @@ def main() -> None:
             jsonl.flush()
             print(f"{run_dir.name} {label}: ACC {before['acc']:.2f}->{after['acc']:.2f} ASR "
                   f"{before.get('asr', float('nan')):.2f}->{after.get('asr', float('nan')):.2f} DER "
-                  f"{der:.4f} pruned {len(result.pruned)} {seconds:.0f}s evals {result.evaluations}",
+                  f"{der:.2f} pruned {len(result.pruned)} {seconds:.0f}s evals {result.evaluations}",
                   file=sys.stderr, flush=True)
     jsonl.close()
     table = render(rows, args, notes)
@@ -173,19 +173,19 @@ def render(rows, args, notes) -> str:
               f"device {args.device}, torch threads {torch.get_num_threads()}, "
               f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores\n\n")
     lines = ["| model | attack | method | ACC before | ACC after | ASR before | ASR after | RA after "
-             "| DER | pruned / units | target (probe/true) | seconds | evaluations |",
+             "| DER % | pruned / units | target (probe/true) | seconds | evaluations |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b, a = r["before"], r["after"]
         lines.append(f"| {r['arch']} | {r['attack']} | {r['method']} | {b['acc']:.2f} | {a['acc']:.2f} | "
                      f"{b.get('asr', float('nan')):.2f} | {a.get('asr', float('nan')):.2f} | "
-                     f"{a.get('ra', float('nan')):.2f} | {r['der']:.4f} | {r['pruned']} / {r['units']} | "
+                     f"{a.get('ra', float('nan')):.2f} | {r['der']:.2f} | {r['pruned']} / {r['units']} | "
                      f"{r['probe_target']}/{r['true_target']} | {r['seconds']:.0f} | {r['evaluations']} |")
     means = {}
     for r in rows:
         means.setdefault(r["method"], []).append(r["der"])
-    summary = ["", "| method | mean DER | repairs |", "|---|---|---|"]
-    summary += [f"| {m} | {sum(v) / len(v):.4f} | {len(v)} |" for m, v in means.items()]
+    summary = ["", "| method | mean DER % | repairs |", "|---|---|---|"]
+    summary += [f"| {m} | {sum(v) / len(v):.2f} | {len(v)} |" for m, v in means.items()]
     if args.reuse_reverse:
         notes = [*notes, "--reuse-reverse: the trigger was reversed once per model; the first ONP "
                          "variant's seconds include it, the others' do not"]
