@@ -1,4 +1,4 @@
-"""The ``trojanprune`` command line: attack | eval | repair | demo."""
+"""The ``trojanprune`` command line: attack | eval | repair | bench | demo."""
 
 from __future__ import annotations
 
@@ -230,6 +230,32 @@ def open_model_from_cli(source, arch, model_def, model_args, weights_key, datase
     return open_model(source, arch=arch, model_def=model_def, model_args=model_args,
                       weights_key=weights_key, dataset=dataset, data_dir=data_dir,
                       attack=attack_name, target=target, attack_options=parse_settings(settings))
+
+
+@app.command()
+@friendly_errors
+def bench(
+    config: Path = typer.Argument(..., metavar="CONFIG.yaml", help="The grid (see benchmarks/*.yaml)."),
+    out: Path = typer.Option(..., "--out", help="Output directory: results.jsonl, models/, "
+                             "tables and plots. An existing one is resumed."),
+    workers: int = typer.Option(2, help="Local Ray workers (parallel cells)."),
+    ray_address: Optional[str] = typer.Option(None, help="Run on an existing Ray cluster "
+                                              "(HOST:PORT, ray://HOST:PORT or auto) instead."),
+    data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
+    retry_failed: bool = typer.Option(False, help="Run cells recorded as failed again."),
+):
+    """Run a benchmark grid (dataset x arch x attack x defense x seed) on Ray; resumable."""
+    from .bench import run_bench
+
+    if data_dir is None:
+        from .data import resolve_data_dir
+
+        data_dir = resolve_data_dir(None)
+    summary = run_bench(config, out, workers=workers, address=ray_address, data_dir=data_dir,
+                        retry_failed=retry_failed)
+    if summary["failed"]:
+        log(f"[yellow]{summary['failed']} cell(s) failed; see the 'error' field in "
+            f"{summary['results']}[/yellow]")
 
 
 @app.command()
