@@ -186,6 +186,8 @@ def repair_cmd(
     device: str = typer.Option("cpu"),
     force: bool = typer.Option(False, help="Replace an existing output directory."),
     json_out: bool = typer.Option(False, "--json", help="Print the repair record as JSON."),
+    report: bool = typer.Option(False, "--report", help="Also write report.html (trigger, "
+                                "channel scores, ACC/ASR vs pruned channels) into --out."),
 ):
     """Repair a backdoored model; save the repaired weights, the mask and a JSON record."""
     from . import data, defenses
@@ -207,8 +209,23 @@ def repair_cmd(
     result, record = repair_and_measure(src, method, clean=clean_set, seed=seed,
                                         options=parse_settings(settings), test=test,
                                         device=resolve_device(device), progress=not json_out)
-    example = (test.images[:1] if test is not None else clean_set.images[:1]).float() / 255
-    save_repair(out, src, result, record, example, force=force)
+    if test is not None or clean_set is not None:
+        example = (test.images[:1] if test is not None else clean_set.images[:1]).float() / 255
+    else:  # --no-eval --data-free: no images loaded; the mask only needs the input shape
+        import torch
+
+        example = torch.zeros(1, *ds["image_shape"])
+    extra = {}
+    if report:
+        from .report import pruning_curve, ranked_pruned, render_report
+
+        curve = None
+        if test is not None and src.attack is not None:
+            curve = pruning_curve(src.model, ranked_pruned(result), test, src.attack, example,
+                                  seed=seed)
+        extra["report.html"] = render_report(result, record, curve=curve,
+                                             title=f"{method} repair of {source.name}")
+    save_repair(out, src, result, record, example, force=force, extra_files=extra)
     if json_out:
         typer.echo(json.dumps({k: v for k, v in record.items() if k != "details"}, indent=2))
     else:
@@ -221,6 +238,8 @@ def repair_cmd(
             log(line)
         log(f"{method}: pruned {record['pruned_count']} units in {record['seconds']:.1f} s "
             f"({record['evaluations']} model evaluations); saved {out}")
+        if report:
+            log(f"report: {out / 'report.html'}")
 
 
 def open_model_from_cli(source, arch, model_def, model_args, weights_key, dataset, data_dir,

@@ -60,8 +60,10 @@ def pruning_masks(model, pruned, example) -> dict[str, torch.Tensor]:
 
 
 def save_repair(out: str | Path, source: ModelSource, result, record: dict, example,
-                force: bool = False) -> Path:
-    """A run directory (evaluable with ``trojanprune eval``) plus mask and repair record."""
+                force: bool = False, extra_files: dict | None = None) -> Path:
+    """A run directory (evaluable with ``trojanprune eval``) plus mask and repair record;
+    ``extra_files`` (name -> content, as :func:`~trojanprune.runs.save_run` takes them) are
+    written in the same atomic step, e.g. ``{"report.html": html}``."""
     run_record = {k: v for k, v in source.record.items()
                   if k not in ("format", "format_version", "versions")}
     run_record["model"] = source.spec.to_dict()
@@ -74,6 +76,7 @@ def save_repair(out: str | Path, source: ModelSource, result, record: dict, exam
              "mask.safetensors": pruning_masks(result.model, record["pruned"], example)}
     for name, image in getattr(result, "images", {}).items():
         extra[f"{name}.png"] = image
+    extra.update(extra_files or {})
     return save_run(out, result.model.cpu(), run_record, force=force, extra_files=extra)
 
 

@@ -65,7 +65,8 @@ def contiguous_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_run(out_dir: str | Path, model: nn.Module, record: dict, force: bool = False,
              extra_files: dict[str, Any] | None = None) -> Path:
     """Write a run directory atomically. ``extra_files`` maps file names to a tensor dict
-    (.safetensors), a CHW image (.png) or JSON-able data (anything else)."""
+    (.safetensors), a CHW image (.png), text (a ``str``, written as UTF-8, e.g. an HTML
+    report) or JSON-able data (anything else)."""
     record = {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, **record,
               "versions": versions()}
     with atomic_directory(out_dir, force=force) as tmp:
@@ -75,6 +76,8 @@ def save_run(out_dir: str | Path, model: nn.Module, record: dict, force: bool = 
                 save_file(content, str(tmp / name))
             elif name.endswith(".png"):
                 save_png(content, tmp / name)
+            elif isinstance(content, str):
+                (tmp / name).write_text(content, encoding="utf-8")
             else:
                 write_json_atomic(tmp / name, content)
         write_json_atomic(tmp / RECORD_FILE, record)
