@@ -197,6 +197,13 @@ def test_shipped_configs_load():
     for name in ("smoke", "cifar10", "cifar10-gpu"):
         config = load_config(REPO / "benchmarks" / f"{name}.yaml")
         assert config.defenses and config.attacks
+    cifar = load_config(REPO / "benchmarks" / "cifar10.yaml")
+    if (REPO / "benchmarks" / "zoo").is_dir():  # the zoo's models match the grid's settings
+        from trojanprune.bench.grid import ModelJob, check_models_dir, reusable_model
+
+        check_models_dir(cifar)
+        assert reusable_model(cifar, ModelJob("cifar10", "vgg_small", "badnets", 0)) is not None
+        assert reusable_model(cifar, ModelJob("cifar10", "resnet20", "badnets", 0)) is None
     smoke = load_config(REPO / "benchmarks" / "smoke.yaml")
     from trojanprune import defenses
 
