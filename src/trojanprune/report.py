@@ -346,7 +346,8 @@ def _score_figure(s: ScoreSet, pruned: set[tuple[str, int]]) -> str:
         legend.append(Rectangle((0, 0), 1, 1, color=_RED, label="pruned"))
     if s.thresholds:
         legend.append(Line2D([0], [0], color=_BLUE, linestyle="dashed", label="threshold"))
-    ax.legend(handles=legend, fontsize=8, loc="upper left", frameon=False, ncol=len(legend))
+    ax.legend(handles=legend, fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.0),
+              frameon=False, ncol=len(legend), borderaxespad=0.2)
     return _figure_png(fig)
 
 
