@@ -126,10 +126,17 @@ def test_report_without_trigger_or_measurements():
                           details={"mask_values": {"0": [0.9, 0.8, 0.1, 0.95]}})
     record = {"method": "anp", "seed": 0, "before": {}, "after": {}, **result.to_dict()}
     text = render_report(result, record)
-    assert "not a detector" in text and "Not computed" in text and "--no-eval" in text
+    assert "no verdict" in text and "Not computed" in text and "--no-eval" in text
     sets = score_sets(result)
     assert sets[0].label == "ANP mask value" and not sets[0].prunes_high
     assert "ANP mask value" in text
+    # nothing pruned: a one-point curve is reported in words, not plotted
+    record["details"] = {"reason": "no threshold <kept> accuracy"}
+    text = render_report(RepairResult(model=model, method="anp", details=record["details"]),
+                         record, curve=[{"k": 0, "acc": 91.5, "asr": 99.0, "ra": 1.0, "images": 50}])
+    assert "Nothing was pruned, so there is no curve" in text and "91.50 %" in text
+    assert 'alt="pruning curve"' not in text
+    assert "no threshold &lt;kept&gt; accuracy" in text
 
 
 def test_clp_scores_and_generic_details():
@@ -170,14 +177,15 @@ def run_dir(backdoor_case, tmp_path_factory):
 
 def test_cli_repair_report(run_dir, shared_data_dir, tmp_path):
     out = tmp_path / "repaired"
+    # u=1 (not the paper's 3) so that CLP surely prunes some channels and the curve has points
     result = CliRunner().invoke(app, ["repair", str(run_dir), "--method", "clp", "--data-free",
-                                      "--data-dir", str(shared_data_dir), "--out", str(out),
-                                      "--report", "--json"])
+                                      "--set", "u=1", "--data-dir", str(shared_data_dir),
+                                      "--out", str(out), "--report", "--json"])
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
     text = (out / "report.html").read_text(encoding="utf-8")
     assert "Lipschitz" in text and 'alt="pruning curve"' in text
-    assert f"{record['after']['asr']:.2f} %" in text
+    assert record["pruned_count"] > 0 and f"{record['after']['asr']:.2f} %" in text
     assert not re.findall(r'(?:src|href)\s*=\s*"(?!data:)', text)
     # without --report there is no report, and nothing else changes
     plain = tmp_path / "plain"

@@ -414,6 +414,7 @@ img.plot{max-width:100%;height:auto;display:block}
 pre{background:#f5f7fa;border:1px solid #e4e7eb;padding:10px;font-size:.78em;overflow:auto;
  max-height:420px;white-space:pre-wrap;word-break:break-word}
 details summary{cursor:pointer;color:#334e68;font-weight:600}
+.decision{background:#f7f9fb;border-left:3px solid #829ab1;padding:6px 12px;font-size:.92em}
 footer{margin-top:36px;color:#7b8794;font-size:.8em}
 """
 
@@ -449,7 +450,7 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Sequen
 def _verdict(result, record) -> tuple[str, str]:
     verdict = getattr(result, "verdict", None) or record.get("verdict")
     if verdict is None:
-        return "not a detector (prunes unconditionally)", ""
+        return "no verdict (the method does not test for a backdoor)", ""
     text = str(verdict)
     return text, ("bad" if "detected" in text and not text.startswith("no") else "good")
 
@@ -525,7 +526,22 @@ def _trigger_section(images: Mapping[str, torch.Tensor]) -> str:
             + f'<div class="trig">{"".join(figs)}</div>')
 
 
+def _decision(details: Mapping) -> str | None:
+    """The method's own one-line account of its choice, when its details carry one."""
+    for path in (("reason",), ("mitigation", "reason"), ("forced",), ("choice", "reason")):
+        value = _get(details, *path)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def _curve_section(curve: list[dict] | None, record: Mapping) -> str:
+    if curve and len(curve) < 2:
+        row = curve[0]
+        asr = f", ASR {row['asr']:.2f} %" if "asr" in row else ""
+        return ('<h2>ACC / ASR against pruned channels</h2><p class="note">Nothing was pruned, '
+                f'so there is no curve: with every channel kept, ACC {row["acc"]:.2f} %{asr} on '
+                f'{row.get("images", "the")} test images.</p>')
     if not curve:
         return ('<h2>ACC / ASR against pruned channels</h2><p class="note">Not computed: the '
                 'curve needs the test set and the true trigger (a run directory with its '
@@ -639,6 +655,8 @@ def render_report(result, record: Mapping, *, curve: list[dict] | None = None,
         f'<p class="sub">Backdoor repair by pruning · method <b>{_e(method)}</b> · seed '
         f'{_e(record.get("seed", "—"))}</p>',
         f'<div class="badges">{badge_html}</div>',
+        (f'<p class="decision"><b>The method\'s decision:</b> {_e(_decision(details))}</p>'
+         if _decision(details) else ""),
         "<h2>Metrics before and after</h2>", _metrics_table(record),
         _trigger_section(images),
         _curve_section(curve, record),
