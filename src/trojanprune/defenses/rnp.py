@@ -26,10 +26,11 @@ How it is done here (see :mod:`.neuron_perturbation` for the mechanics):
   would then recover from a checkpoint it never saved), we recover from the last state and say
   so in ``details["unlearn"]["reached_threshold"]``.
 - Which units to prune (ours; the paper sweeps thresholds against test-set ASR): as ANP's, by
-  default the largest threshold in 0.05, ..., 0.90 whose accuracy on a held-out 20% of the clean
-  set stays within ``acc_tolerance`` (2 points) of the unpruned model's, the other 80% being
-  used for unlearning and recovering; or a fixed ``threshold`` (the paper's examples: 0.2) or
-  ``prune_ratio``. Pruned units are removed entirely (``apply_masks_permanently``).
+  default the official code's "prune by number" walk down the recovered masks, lowest first
+  (ties broken by the mask's mean over the recovering steps), stopping before the first prefix
+  whose accuracy on a held-out 20% of the clean set falls more than ``acc_tolerance`` (2
+  points) below the unpruned model's, the other 80% being used for unlearning and recovering;
+  or a fixed ``threshold`` (the paper's examples: 0.2) or ``prune_ratio``. Pruned units are removed entirely (``apply_masks_permanently``).
 
 Measured on the test fixture (a narrow vgg_small on MNIST with a BadNets backdoor, 500 clean
 images): the ascent overshoots within one epoch (accuracy 0.93 -> 0.52 -> 0.12, the model then
@@ -77,11 +78,13 @@ class Options:
     recover_epochs: mask-recovering epochs (20).
     alpha: factor on the recovering loss (0.2; the official code's ``alpha * loss``).
     batch_size: mini-batch size of both steps (128).
-    threshold: prune units whose mask is <= this. None (default, ours): choose it on held-out
-        clean data, see acc_tolerance. The official code sweeps 0 ... 0.9 in steps of 0.05.
+    threshold: prune units whose mask is <= this. None (default, ours): choose how many to
+        prune on held-out clean data, see acc_tolerance. The official code sweeps 0 ... 0.9 in
+        steps of 0.05.
     prune_ratio: instead, prune this fraction of all units, lowest masks first. None by default.
-    acc_tolerance: automatic threshold: the largest candidate whose held-out accuracy is at most
-        this FRACTION below the unpruned model's (0.02 = 2 points; ours, as ANP's).
+    acc_tolerance: automatic choice: prune the lowest masks one by one while the held-out
+        accuracy stays at most this FRACTION below the unpruned model's (0.02 = 2 points; ours,
+        as ANP's).
     holdout: fraction of the clean set held out for that choice (0.2; ours). Unused with a
         fixed threshold or prune_ratio.
     layers: which unit groups get masks: "all" (default, as the paper: every BN layer),
@@ -132,11 +135,10 @@ class RNP(Defense):
         unlearned, unlearn_info = unlearn(model, fit, o, gen, self.progress)
         scores, recover_info = recover_masks(unlearned, units, fit, o, gen, self.progress)
         del unlearned
-        prune, selection, evals = select_pruning(
+        prune, pruned, selection, evals = select_pruning(
             model, units, scores, held, threshold=o.threshold, prune_ratio=o.prune_ratio,
-            acc_tolerance=o.acc_tolerance)
+            acc_tolerance=o.acc_tolerance, tiebreak=recover_info.pop("mask_mean"))
 
-        pruned = units.pruned_list((~prune).float())
         repaired = apply_masks_permanently(model, units, prune)
         details = {
             **selection,
@@ -210,12 +212,14 @@ def unlearn(model: nn.Module, data: CleanData, o: Options, gen: torch.Generator,
 def recover_masks(unlearned: nn.Module, units: Units, data: CleanData, o: Options,
                   gen: torch.Generator, progress: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
     """Step 2: per-unit masks (flat ``(units.total,)`` CPU tensor in [0, 1]; LOW = backdoor
-    suspect) that recover the clean accuracy of ``unlearned``: SGD on ``o.alpha * CE``."""
-    accs, losses = [], []
+    suspect) that recover the clean accuracy of ``unlearned``: SGD on ``o.alpha * CE``. The
+    info dict's ``mask_mean`` is each mask averaged over the steps (a tensor)."""
+    accs, losses, steps_total = [], [], 0
     with NeuronMasks(unlearned, units) as nm, model_mode(unlearned, train=True), \
             progress_bar(enabled=progress) as bar:
         optimizer = torch.optim.SGD([nm.mask], lr=o.recover_lr, momentum=o.recover_momentum)
         task = bar.add_task("RNP: recovering masks", total=o.recover_epochs)
+        mask_sum = torch.zeros_like(nm.mask.detach())
         for _ in range(o.recover_epochs):
             correct, seen, total_loss, steps = 0, 0, 0.0, 0
             for x, y in _epoch(data, o.batch_size, gen):
@@ -228,6 +232,8 @@ def recover_masks(unlearned: nn.Module, units: Units, data: CleanData, o: Option
                 with torch.no_grad():
                     nm.mask.clamp_(0.0, 1.0)
                 check_finite(nm.mask.detach(), "RNP's neuron masks")
+                mask_sum += nm.mask.detach()
+                steps_total += 1
                 correct += int((logits.argmax(1) == y).sum())
                 seen += len(x)
                 total_loss += float(loss.detach())
@@ -236,4 +242,7 @@ def recover_masks(unlearned: nn.Module, units: Units, data: CleanData, o: Option
             losses.append(total_loss / max(steps, 1))
             bar.advance(task)
         scores = nm.mask.detach().cpu().clone()
-    return scores, {"epochs": o.recover_epochs, "clean_acc": accs, "loss": losses}
+        mask_mean = (mask_sum / max(steps_total, 1)).cpu()
+    # mask_mean (the masks averaged over every step) is the tie-break of the pruning order
+    return scores, {"epochs": o.recover_epochs, "clean_acc": accs, "loss": losses,
+                    "mask_mean": mask_mean}
