@@ -159,6 +159,17 @@ ACC, ASR and DER in %, mean over seed(s) 0, 1 of the cells that finished.
 |---|---:|---:|---:|---:|---:|
 | clp | 2 | 1 | 3.00 | 0.00 | 520 |
 | anp | 2 | 1 | 20.00 | 1500.00 | 700 |
+
+### every cell
+
+| dataset | arch | attack | defense | seed | ACC before | ASR before | RA before | ACC | ASR | RA | DER | pruned | seconds | evaluations | peak RSS MiB |
+|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+| cifar10 | vgg_small | badnets | clp | 0 | 80.00 | 90.00 | - | 78.00 | 10.00 | - | 89.00 | - | 2.00 | 0 | 500 |
+| cifar10 | vgg_small | badnets | clp | 1 | 82.00 | 94.00 | - | 80.00 | 20.00 | - | 86.00 | - | 4.00 | 0 | 520 |
+| cifar10 | vgg_small | badnets | anp | 0 | 80.00 | 90.00 | - | 75.50 | 5.25 | - | 90.12 | - | 30.00 | 2000 | 700 |
+| cifar10 | vgg_small | badnets | anp | 1 | failed: MemoryError: out of memory | | | | | | | | | | |
+| cifar10 | vgg_small | blended | clp | 0 | failed: RuntimeError: boom | | | | | | | | | | |
+| cifar10 | vgg_small | blended | anp | 0 | 81.00 | 99.00 | - | 80.00 | 1.00 | - | 98.50 | - | 10.00 | 1000 | 650 |
 """
 
 EXPECTED_CSV = """\
@@ -194,7 +205,7 @@ def test_config_errors_are_all_reported_at_load_time(tmp_path):
 
 
 def test_shipped_configs_load():
-    for name in ("smoke", "cifar10", "cifar10-gpu"):
+    for name in ("smoke", "cifar10", "cifar10-vgg_small", "cifar10-gpu"):
         config = load_config(REPO / "benchmarks" / f"{name}.yaml")
         assert config.defenses and config.attacks
     cifar = load_config(REPO / "benchmarks" / "cifar10.yaml")

@@ -91,7 +91,37 @@ def markdown_table(records: list[dict], defenses: list[str] | None = None,
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     out.append(time_table(records, defenses))
+    out.append(cells_table(records, defenses, attacks))
     return "\n".join(out)
+
+
+def cells_table(records: list[dict], defenses: list[str] | None = None,
+                attacks: list[str] | None = None) -> str:
+    """Every cell on its own row: ACC/ASR/RA before and after, DER, units pruned, cost (the
+    summary above averages seeds and leaves RA out, as BackdoorBench's tables do)."""
+    defenses = _order(records, "defense", defenses)
+    attacks = _order(records, "attack", attacks)
+    lines = ["### every cell\n",
+             "| dataset | arch | attack | defense | seed | ACC before | ASR before | RA before | "
+             "ACC | ASR | RA | DER | pruned | seconds | evaluations | peak RSS MiB |",
+             "|---|---|---|---|---:|" + "---:|" * 11]
+    key = {("a", a): i for i, a in enumerate(attacks)} | {("d", d): i for i, d in enumerate(defenses)}
+    ordered = sorted(records, key=lambda r: (r["dataset"], r["arch"], key[("a", r["attack"])],
+                                             key[("d", r["defense"])], r["seed"]))
+    for r in ordered:
+        head = f"| {r['dataset']} | {r['arch']} | {r['attack']} | {r['defense']} | {r['seed']} |"
+        if r.get("status") != "ok":
+            error = str(r.get("error") or "failed").replace("|", "/").splitlines()
+            lines.append(f"{head} failed: {(error[0] if error else 'failed')[:80]} |" + " |" * 10)
+            continue
+        numbers = [_fmt(r.get(k)) for k in ("acc_before", "asr_before", "ra_before", "acc_after",
+                                            "asr_after", "ra_after", "der")]
+        pruned = r.get("pruned_count")
+        peak = r.get("peak_rss_mib")
+        lines.append(f"{head} {' | '.join(numbers)} | {'-' if pruned is None else pruned} | "
+                     f"{_fmt(r.get('seconds'))} | {r.get('evaluations', '-')} | "
+                     f"{'-' if peak is None else f'{peak:.0f}'} |")
+    return "\n".join(lines) + "\n"
 
 
 def time_table(records: list[dict], defenses: list[str] | None = None) -> str:
