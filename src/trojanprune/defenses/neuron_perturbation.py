@@ -44,8 +44,9 @@ from ..progress import progress_bar
 from ..utils import derive_seed
 from .base import CleanData, check_finite
 
-# Candidate thresholds for the automatic choice: 0.05, 0.10, ..., 0.90 (the range the official
-# ANP and RNP code sweep: pruning_max 0.90, pruning_step 0.05).
+# The thresholds the official ANP and RNP code sweep (pruning_max 0.90, pruning_step 0.05). The
+# automatic choice walks down the masks instead and uses only the largest, 0.9, as its ceiling:
+# a unit whose mask stayed above it was not singled out by the optimization.
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 19))
 
 
