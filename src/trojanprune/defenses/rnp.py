@@ -30,14 +30,16 @@ How it is done here (see :mod:`.neuron_perturbation` for the mechanics):
   (ties broken by the mask's mean over the recovering steps), stopping before the first prefix
   whose accuracy on a held-out 20% of the clean set falls more than ``acc_tolerance`` (2
   points) below the unpruned model's, the other 80% being used for unlearning and recovering;
-  or a fixed ``threshold`` (the paper's examples: 0.2) or ``prune_ratio``. Pruned units are removed entirely (``apply_masks_permanently``).
+  or a fixed ``threshold`` (the paper's examples: 0.2) or ``prune_ratio``. Pruned units are
+  removed entirely (``apply_masks_permanently``).
 
 Measured on the test fixture (a narrow vgg_small on MNIST with a BadNets backdoor, 500 clean
 images): the ascent overshoots within one epoch (accuracy 0.93 -> 0.52 -> 0.12, the model then
 predicts the target class for everything) and the recovery cannot bring the clean accuracy back
 (about 0.2); the ~40 units whose masks reach 0 include the backdoor units but also clean ones.
 The paper's threshold 0.2 then removes the backdoor (ASR 100% -> 0%) at a cost of about 18 points
-of clean accuracy, and the default held-out rule refuses to prune at all. No stopping point of
+of clean accuracy, and the default held-out rule (then a threshold sweep; now the walk down the
+masks) keeps clean accuracy at the cost of leaving most of the backdoor. No stopping point of
 the unlearning we tried (per step) gave a better trade-off on that model.
 """
 
