@@ -105,9 +105,10 @@ def cells_table(records: list[dict], defenses: list[str] | None = None,
              "| dataset | arch | attack | defense | seed | ACC before | ASR before | RA before | "
              "ACC | ASR | RA | DER | pruned | seconds | evaluations | peak RSS MiB |",
              "|---|---|---|---|---:|" + "---:|" * 11]
-    key = {("a", a): i for i, a in enumerate(attacks)} | {("d", d): i for i, d in enumerate(defenses)}
-    ordered = sorted(records, key=lambda r: (r["dataset"], r["arch"], key[("a", r["attack"])],
-                                             key[("d", r["defense"])], r["seed"]))
+    attack_rank = {a: i for i, a in enumerate(attacks)}
+    defense_rank = {d: i for i, d in enumerate(defenses)}
+    ordered = sorted(records, key=lambda r: (r["dataset"], r["arch"], attack_rank[r["attack"]],
+                                             defense_rank[r["defense"]], r["seed"]))
     for r in ordered:
         head = f"| {r['dataset']} | {r['arch']} | {r['attack']} | {r['defense']} | {r['seed']} |"
         if r.get("status") != "ok":

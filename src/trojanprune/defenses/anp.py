@@ -38,8 +38,8 @@ How it is done here (see :mod:`.neuron_perturbation` for the mechanics):
   more than ``acc_tolerance`` (2 points) below the unpruned model's; the masks are learned on
   the other 80% (see :func:`~.neuron_perturbation.select_pruning` for why not a threshold
   sweep). ``threshold=0.2`` gives the paper's fixed rule and ``prune_ratio`` a fixed fraction;
-  both use every clean image for the masks. Pruned units are removed entirely (weight and bias, via ``apply_masks_permanently``);
-  the official code zeroes the BatchNorm weight only.
+  both use every clean image for the masks. Pruned units are removed entirely (weight and
+  bias, via ``apply_masks_permanently``); the official code zeroes the BatchNorm weight only.
 """
 
 from __future__ import annotations
@@ -72,8 +72,9 @@ class Options:
         choose how many to prune on held-out clean data, see acc_tolerance.
     prune_ratio: instead, prune this fraction of all units, lowest masks first. None by default.
     acc_tolerance: automatic choice: prune the lowest masks one by one while the held-out
-        accuracy stays at most this FRACTION below the unpruned model's (0.02 = 2 points; ours: with the usual 500
-        clean images the held-out 100 measure accuracy in 1-point steps, so 1 point would be
+        accuracy stays at most this FRACTION below the unpruned model's (0.02 = 2 points;
+        ours: with the usual 500 clean images the held-out 100 measure accuracy in 1-point
+        steps, so 1 point would be
         noise, while defenses are usually judged acceptable within 2-3 points of clean accuracy).
     holdout: fraction of the clean set held out for that choice (0.2; ours). Unused with a
         fixed threshold or prune_ratio.
