@@ -5,7 +5,9 @@
 
 Each model is trained by the CLI in its own process (so its peak memory is its own) and saved as
 a run directory ``<out>/<dataset>-<arch>-<attack>``; existing runs are reused, not retrained.
-Prints (and writes ``<out>/<dataset>-<arch>.md``) a table of throughput, time, memory, ACC/ASR/RA.
+Prints (and writes ``<out>/<dataset>-<arch>.md``) a table of throughput, time, memory, ACC/ASR/RA
+and the clean accuracy of the target class (measured again on the test split: a clean-label
+attack that poisons every target-class image leaves that class near 0%, which ACC averages away).
 """
 
 from __future__ import annotations
@@ -47,15 +49,25 @@ def main():
             subprocess.run(cmd, check=True)
         record = json.loads((run_dir / "run.json").read_text())
         t, m = record["training"], record["metrics"]
+        target = record["attack"]["target"]
         rows.append(f"| {attack} | {t['config']['epochs']} | {t['images_per_second']:.0f} | "
                     f"{t['seconds'] / 60:.1f} | {t['peak_rss_mib']:.0f} | {m['acc']:.2f} | "
-                    f"{m['asr']:.2f} | {m['ra']:.2f} |")
+                    f"{m['asr']:.2f} | {m['ra']:.2f} | {target_class_accuracy(run_dir, args.data_dir):.1f} |")
     table = ("| attack | epochs | train images/s | train minutes | peak RSS MiB | ACC % | ASR % | "
-             "RA % |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+             "RA % | target-class ACC % |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
     header = (f"{args.dataset} / {args.arch}, lr {args.lr}, machine: {platform.processor() or platform.machine()}, "
               f"{__import__('os').cpu_count()} cores, device {args.device}\n\n")
     (out / f"{args.dataset}-{args.arch}.md").write_text(header + table + "\n")
     print(header + table)
+
+
+def target_class_accuracy(run_dir: Path, data_dir) -> float:
+    from trojanprune import metrics
+    from trojanprune.runs import load_run
+
+    run = load_run(run_dir)
+    per_class = metrics.evaluate(run.model, run.test_set(data_dir), per_class=True)["acc_per_class"]
+    return per_class[run.record["attack"]["target"]]
 
 
 if __name__ == "__main__":

@@ -52,6 +52,18 @@ def test_attack_writes_run_and_eval_reads_it(digits_run):
     assert out["dataset"]["name"] == "digits"
 
 
+def test_eval_per_class(digits_run):
+    code, text = invoke("eval", digits_run, "--json", "--per-class", stdout_only=True)
+    assert code == 0, text
+    out = json.loads(text)
+    per_class = out["acc_per_class"]
+    assert len(per_class) == 10 and all(0 <= a <= 100 for a in per_class)
+    # the digits test split is balanced to within a few images: the mean of the classes is ACC
+    assert sum(per_class) / 10 == pytest.approx(out["acc"], abs=1.0)
+    code, text = invoke("eval", digits_run, "--per-class")
+    assert code == 0 and "per class:" in text
+
+
 def test_refuses_to_overwrite_run(digits_run):
     before = (digits_run / "model.safetensors").read_bytes()
     code, text = invoke("attack", "badnets", "--dataset", "digits", "--arch", "lenet5",

@@ -50,3 +50,15 @@ def test_evaluate_acc_asr_ra():
     assert m["acc"] == pytest.approx(100 * 5 / 6)
     assert m["asr"] == pytest.approx(100.0)  # all 4 non-target images go to class 0
     assert m["ra"] == pytest.approx(0.0)
+
+
+def test_evaluate_per_class_accuracy():
+    labels = torch.tensor([0, 1, 2, 1, 2, 0])
+    images = torch.zeros(6, 1, 4, 4, dtype=torch.uint8)
+    images[:, 0, 1, 1] = (labels.float() / 2.99 * 255 + 20).clamp(max=255).to(torch.uint8)
+    images[3, 0, 1, 1] = 0  # class 1 loses one of its two images
+    m = evaluate(FixedModel(), ImageDataset(images, labels, ["a", "b", "c"]), per_class=True)
+    assert m["acc_per_class"] == pytest.approx([100.0, 50.0, 100.0])
+    # a class with no test image has no accuracy (NaN), not 0
+    m = evaluate(FixedModel(), ImageDataset(images, labels, ["a", "b", "c", "d"]), per_class=True)
+    assert m["acc_per_class"][3] != m["acc_per_class"][3]

@@ -114,6 +114,8 @@ def eval_cmd(
     settings: Optional[list[str]] = typer.Option(None, "--set", help="Attack option key=value."),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     device: str = typer.Option("cpu"),
+    per_class: bool = typer.Option(False, "--per-class", help="Also the clean accuracy of "
+                                   "each class (JSON key acc_per_class)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Measure ACC, ASR and RA of a run directory or a model file on the test split."""
@@ -130,8 +132,9 @@ def eval_cmd(
     check_model_fits(src.model, test)
     src.model.to(resolve_device(device))
     start = time.perf_counter()
-    result = metrics.evaluate(src.model, test, src.attack)
-    result = {k: round(v, 4) for k, v in result.items()}
+    result = metrics.evaluate(src.model, test, src.attack, per_class=per_class)
+    result = {k: [None if a != a else round(a, 2) for a in v] if isinstance(v, list)
+              else round(v, 4) for k, v in result.items()}  # None: a class with no test image
     if json_out:
         meta = {k: src.record.get(k) for k in ("model", "dataset", "attack", "seed") if k in src.record}
         if not src.record:
@@ -145,6 +148,11 @@ def eval_cmd(
         else:
             parts.append("(no trigger known: pass --attack to measure ASR)")
         typer.echo("  ".join(parts))
+        if per_class:
+            names = test.classes
+            typer.echo("per class: " + "  ".join(
+                f"{names[c]} " + ("-" if a is None else f"{a:.1f}%")
+                for c, a in enumerate(result["acc_per_class"])))
 
 
 def check_model_fits(model, test) -> None:

@@ -55,13 +55,30 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 512,
 
 
 def evaluate(model: nn.Module, test: "ImageDataset", attack: "Attack | None" = None,
-             batch_size: int = 512) -> dict[str, float]:
-    """ACC (and ASR, RA when the attack is known), in percent."""
+             batch_size: int = 512, per_class: bool = False) -> dict:
+    """ACC (and ASR, RA when the attack is known), in percent; with ``per_class`` also
+    ``acc_per_class``, the clean accuracy of each class (a list indexed by label)."""
     labels = test.labels
-    result = {"acc": 100.0 * (predict(model, test.images, batch_size) == labels).float().mean().item()}
+    predicted = predict(model, test.images, batch_size)
+    result = {"acc": 100.0 * (predicted == labels).float().mean().item()}
+    if per_class:
+        result["acc_per_class"] = class_accuracies(predicted, labels, test.num_classes)
     if attack is not None:
         result.update(backdoor_metrics(model, test, attack, batch_size))
     return result
+
+
+def class_accuracies(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list:
+    """Percent of each class's images predicted as that class; NaN for a class with no images.
+
+    Why it matters: a clean-label attack at a high rate (SIG with every target-class training
+    image poisoned) can leave the target class at 0% clean accuracy, which the mean hides."""
+    out = []
+    for c in range(num_classes):
+        members = labels == c
+        n = int(members.sum())
+        out.append(100.0 * int((predicted[members] == c).sum()) / n if n else float("nan"))
+    return out
 
 
 def backdoor_metrics(model: nn.Module, test: "ImageDataset", attack: "Attack",
