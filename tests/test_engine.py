@@ -507,3 +507,39 @@ def test_evaluator_fallback_without_fx():
     assert not ev.reuses_prefix and any("without prefix reuse" in str(w.message) for w in caught)
     masks = (torch.rand(4, units.total, generator=torch.Generator().manual_seed(9)) > 0.5).float()
     assert torch.allclose(ev.logits(masks), naive_logits(model, units, x, masks), atol=1e-5)
+
+
+def test_edited_logits_fx_and_hooks_agree_and_edit_precedes_masks():
+    """The edit is applied at the hook point before its mask, with gradients, on both paths."""
+    from trojanprune.engine import MaskEvaluator, discover_units
+
+    torch.manual_seed(0)
+    model = models.create("vgg_small", 10, 3, widths=((4, 4), (8, 8), (8, 8))).eval()
+    x = torch.rand(3, 3, 32, 32)
+    units = discover_units(model, x[:1])
+    group = units.names[3]
+    module = units[group].hook_points[-1]
+    fx_ev, hook_ev = MaskEvaluator(model, units, x), MaskEvaluator(model, units, x, reuse_prefix=False)
+    assert fx_ev.reuses_prefix and not hook_ev.reuses_prefix
+    masks = torch.ones(2, units.total)
+    masks[1, :5] = 0
+    # identity edit: the same numbers as plain logits
+    same = fx_ev.edited_logits(masks, module, lambda out, j0, j1: out, grad=False)
+    assert torch.allclose(same, fx_ev.logits(masks), atol=1e-5)
+    value = torch.tensor(3.0, requires_grad=True)
+
+    def edit(out, j0, j1):
+        assert out.shape[0] == j1 - j0
+        return out + value
+
+    a = fx_ev.edited_logits(masks, module, edit)
+    b = hook_ev.edited_logits(masks, module, edit)
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, same, atol=1e-3)
+    (grad,) = torch.autograd.grad(a.sum(), value)
+    assert torch.isfinite(grad) and grad != 0
+    # pruning the whole edited group removes what the edit wrote (the edit runs first)
+    off = torch.ones(1, units.total)
+    off[0, units.offset(group):units.offset(group) + units[group].size] = 0
+    assert torch.allclose(fx_ev.edited_logits(off, module, edit, grad=False), fx_ev.logits(off), atol=1e-5)
+    with pytest.raises(ConfigError, match="not a hook point"):
+        fx_ev.edited_logits(masks, "features.0.nope", edit)

@@ -19,7 +19,7 @@ from trojanprune.errors import ConfigError, DataError, TrojanPruneError
 from trojanprune.metrics import evaluate
 from trojanprune.onp.graphs import (GraphBuildError, build_graphs, channel_weights,
                                     cosine_similarity_matrix)
-from trojanprune.onp.probes import PROBES, Probe, create_probe, register_probe
+from trojanprune.onp.probes import PROBES, FeatureTriggerProbe, Probe, create_probe, register_probe
 
 # A shorter trigger reverse than Neural Cleanse's 300 steps x 32 images per class keeps this
 # file fast; on the fixture it still flags the real target (class 0).
@@ -274,7 +274,8 @@ def test_reversed_trigger_probe_score_target_and_fallback(backdoor_case, monkeyp
 
 
 @pytest.mark.parametrize("probe,opts", [("anp", {"anp_iterations": 20}),
-                                        ("unlearn", {"unlearn_epochs": 5, "recover_epochs": 3})])
+                                        ("unlearn", {"unlearn_epochs": 5, "recover_epochs": 3}),
+                                        ("feature-trigger", {"feature_steps": 60, "feature_per_class": 5})])
 def test_other_probes_give_signals_and_scores(backdoor_case, probe, opts):
     from trojanprune.defenses.onp import Options
 
@@ -291,6 +292,42 @@ def test_other_probes_give_signals_and_scores(backdoor_case, probe, opts):
     assert abs(float(scores[0]) - 1) < 1e-5 and float(scores[1]) < float(scores[0])
     assert p.evaluations > 0
     json.dumps(p.details())
+
+
+def test_auto_probe_follows_the_feature_reverse_only_when_it_disagrees(backdoor_case, monkeypatch):
+    import dataclasses
+
+    import trojanprune.reverse as reverse
+    from trojanprune.defenses.onp import Options
+
+    case = backdoor_case
+    x, y = case.clean.tensors()
+    fit, held = CleanData(x, y, 10).split(0.5, seed=0)
+    units = discover_units(case.model, x[:1])
+    quick = dict(probe="auto", reverse_steps=60, reverse_batch_size=4, feature_steps=60,
+                 feature_per_class=5)
+    agree = create_probe("auto", case.model, units, fit, held, Options(**quick), seed=0)
+    # on this model the feature-space reverse flags nothing: the pixel-space probe is kept
+    assert agree.vote["pixel_target"] == 0 and agree.vote["chosen"] == "reversed-trigger"
+    assert agree.target == 0 and agree.signal_names == ("trigger_act_shift", "trigger_taylor")
+    assert agree.evaluations == sum(p.evaluations for p in agree.parts) and len(agree.parts) == 2
+    # a feature-space flag that disagrees with the pixel-space target (as on WaNet and SIG,
+    # where the pixel reverse flags a wrong class) is followed
+    original = reverse.reverse_feature_triggers
+    monkeypatch.setattr(reverse, "reverse_feature_triggers",
+                        lambda *a, **k: dataclasses.replace(original(*a, **k), target=3, flagged=[3]))
+    overruled = create_probe("auto", case.model, units, fit, held, Options(**quick), seed=0)
+    assert overruled.vote == {"pixel_target": 0, "pixel_flagged": True, "feature_target": 3,
+                              "chosen": "feature-trigger"}
+    assert overruled.target == 3 and overruled.signal_names == FeatureTriggerProbe.signal_names
+    keep = torch.ones(2, units.total)
+    keep[1] = 1 - (overruled.signal()[:, 0] > 0.3).float()  # prune the written-in channels
+    scores = overruled.score(keep)
+    assert float(scores[0]) > 0.9 and float(scores[1]) < float(scores[0])
+    # a user target skips the vote
+    fixed = create_probe("auto", case.model, units, fit, held, Options(target=0, **quick), seed=0)
+    assert fixed.vote["chosen"] == "reversed-trigger" and len(fixed.parts) == 1
+    json.dumps(overruled.details())
 
 
 def test_unlearn_probe_runs_through_the_defense(backdoor_case):

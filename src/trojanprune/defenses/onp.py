@@ -74,7 +74,8 @@ class Options:
     """ONP options. The paper publishes none of these values: every default is ours.
 
     Backdoor probe (trigger-free; :mod:`trojanprune.onp.probes`):
-    probe: "reversed-trigger" (default), "anp" or "unlearn" (or a registered probe's name).
+    probe: "reversed-trigger" (default), "feature-trigger", "auto" (both trigger reverses, then
+        the trusted one), "anp" or "unlearn" (or a registered probe's name).
     target: the presumed backdoor target class; None (default) = the probe decides (reversed
         trigger: the class flagged by the MAD anomaly index, else the smallest reversed mask).
     reverse_steps, reverse_batch_size: trigger-reverse steps and images per class per step
@@ -82,6 +83,9 @@ class Options:
     score_margin: reversed-trigger probe: a stamped image counts as backdoored while the target
         logit is within this many logits of the top one (2.0; 0 = the plain success rate; see
         :mod:`trojanprune.onp.probes` for the calibration behind it).
+    feature_per_class, feature_steps, feature_layer: feature-trigger probe: fit images per
+        class for the feature-space reverse (10), its Adam steps (300), the unit group it writes
+        into (None = three quarters of the way through the conv groups).
     anp_eps, anp_iterations: ANP probe (ANP's 0.4 and 2000).
     unlearn_lr, unlearn_threshold, unlearn_epochs, recover_epochs: unlearn probe (RNP's 0.01,
         0.2, 20, 20).
@@ -128,6 +132,9 @@ class Options:
     reverse_steps: Any = None
     reverse_batch_size: Any = None
     score_margin: float = 2.0
+    feature_per_class: int = 10
+    feature_steps: int = 300
+    feature_layer: Any = None
     anp_eps: float = 0.4
     anp_iterations: int = 2000
     unlearn_lr: float = 0.01

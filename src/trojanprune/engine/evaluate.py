@@ -139,6 +139,34 @@ class MaskEvaluator:
             for mod, flag in flags.items():
                 mod.training = flag
 
+    def edited_logits(self, masks: MaskInput, module: str, edit, grad: bool = True) -> torch.Tensor:
+        """(M, B, K) logits like :meth:`logits` (with gradients unless ``grad=False``), where the output of the hook
+        point ``module`` is first replaced by ``edit(out, j0, j1)`` and then masked.
+
+        ``out`` has shape (j1 - j0, b, ...): the module's output for masks j0..j1-1 (mask-major)
+        on a block of b images; ``edit`` returns a tensor of the same shape. This is how a
+        feature-space trigger is injected at one layer (differentiably, so it can be learned)
+        while pruning masks act on every layer; prefix reuse still applies, so only the layers
+        from ``module`` on are run per mask. Editing before masking means pruning a channel
+        also removes what the edit wrote into it, as it removes a real trigger's activation.
+        """
+        if module not in self._specs:
+            raise ConfigError(f"{module!r} is not a hook point of these units; choose one of "
+                              f"{sorted(self._specs)[:8]}{' ...' if len(self._specs) > 8 else ''}")
+        group_masks, m = self._prepare(masks)
+        self._charge(m)
+        flags = {mod: mod.training for mod in self._modules.values()}
+        try:
+            self.model.eval()
+            with torch.set_grad_enabled(grad):
+                if self._graph is None:
+                    return self._logits_hooks(group_masks, m, (module, edit))
+                self._check_weights()
+                return self._logits_fx(group_masks, m, (module, edit))
+        finally:
+            for mod, flag in flags.items():
+                mod.training = flag
+
     def accuracy(self, masks: MaskInput, labels: torch.Tensor | None = None) -> torch.Tensor:
         """(M,) fraction of images classified as their label."""
         labels = self._labels(labels)
@@ -221,21 +249,37 @@ class MaskEvaluator:
                 [(s, min(s + ib, b)) for s in range(0, b, ib)])
 
     # -- hook path (no prefix reuse) ------------------------------------------------------
-    def _logits_hooks(self, masks: dict[str, torch.Tensor], m: int) -> torch.Tensor:
+    def _logits_hooks(self, masks: dict[str, torch.Tensor], m: int, edit=None) -> torch.Tensor:
         if self._model_bytes is None and self.chunk is None:
             self._model_bytes = _largest_activation(self.model, self.images[:1])
         mask_blocks, image_blocks = self._blocks(m, self._model_bytes or 0)
         rows = []
-        with ChannelMasks(self.model, self.units) as cm:
-            for m0, m1 in mask_blocks:
-                k = m1 - m0
-                cm.set({g: t[m0:m1] for g, t in masks.items()})
-                cols = []
-                for b0, b1 in image_blocks:
-                    x = self.images[b0:b1]
-                    x = x.repeat(k, *([1] * (x.dim() - 1)))
-                    cols.append(_as_logits(self.model(x)).reshape(k, b1 - b0, -1))
-                rows.append(torch.cat(cols, 1))
+        block = [0, 0]
+        handle = None
+        if edit is not None:
+            name, fn = edit
+
+            def edit_hook(module, inputs, output):
+                k = block[1] - block[0]
+                return fn(output.reshape(k, -1, *output.shape[1:]), *block).reshape(output.shape)
+
+            # prepend: the edit runs before the mask hook ChannelMasks puts on the same module
+            handle = self._modules[name].register_forward_hook(edit_hook, prepend=True)
+        try:
+            with ChannelMasks(self.model, self.units) as cm:
+                for m0, m1 in mask_blocks:
+                    k = m1 - m0
+                    block[:] = [m0, m1]
+                    cm.set({g: t[m0:m1] for g, t in masks.items()})
+                    cols = []
+                    for b0, b1 in image_blocks:
+                        x = self.images[b0:b1]
+                        x = x.repeat(k, *([1] * (x.dim() - 1)))
+                        cols.append(_as_logits(self.model(x)).reshape(k, b1 - b0, -1))
+                    rows.append(torch.cat(cols, 1))
+        finally:
+            if handle is not None:
+                handle.remove()
         return torch.cat(rows, 0)
 
     # -- fx path --------------------------------------------------------------------------
@@ -279,7 +323,8 @@ class MaskEvaluator:
         ``x.size(0)``, which must then be recomputed on the M*B batch)."""
         if self._meta is None:
             n = min(self.num_images, 2)
-            env = self._run_clean(set(self._graph.nodes), 0, n)
+            with torch.no_grad():
+                env = self._run_clean(set(self._graph.nodes), 0, n)
             meta, depends = {}, set()
             images = next(iter(self._graph.nodes))  # the first placeholder; others are defaults
             for node in self._graph.nodes:
@@ -341,7 +386,8 @@ class MaskEvaluator:
             return
         meta = self._node_meta()
         widest = max(self._bytes.values(), default=0)
-        blocks = [self._run_clean(missing, b0, b1) for b0, b1 in self._blocks(1, widest)[1]]
+        with torch.no_grad():  # cached values are constants, also under edited_logits
+            blocks = [self._run_clean(missing, b0, b1) for b0, b1 in self._blocks(1, widest)[1]]
         for node in missing:
             if meta[node] == "batch":
                 self._cache[node] = torch.cat([blk[node] for blk in blocks], 0)
@@ -370,9 +416,11 @@ class MaskEvaluator:
                     env.pop(a, None)
         return kept
 
-    def _logits_fx(self, masks: dict[str, torch.Tensor], m: int) -> torch.Tensor:
+    def _logits_fx(self, masks: dict[str, torch.Tensor], m: int, edit=None) -> torch.Tensor:
         masked = frozenset(name for name, spec in self._specs.items()
                            if any(entry[0] in masks for entry in spec.entries))
+        if edit is not None:
+            masked = masked | {edit[0]}
         plan = self._plan(masked)
         self._fill_cache(plan)
         meta = self._node_meta()
@@ -400,6 +448,8 @@ class MaskEvaluator:
                     args = fx.node.map_arg(node.args, value)
                     kwargs = fx.node.map_arg(node.kwargs, value)
                     out = self._call(node, args, kwargs)
+                    if edit is not None and node.op == "call_module" and node.target == edit[0]:
+                        out = edit[1](out.reshape(k, b1 - b0, *out.shape[1:]), m0, m1).reshape(out.shape)
                     if node.op == "call_module" and node.target in plan.masked:
                         spec = self._specs[node.target]
                         mult = spec.multiplier(block_masks, out.shape[spec.dim])

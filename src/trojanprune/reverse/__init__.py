@@ -2,6 +2,9 @@
 
 - :func:`reverse_triggers` (``trigger.py``): a Neural-Cleanse-style mask and pattern for every
   class, all classes in one batched problem, with MAD detection of the backdoor target.
+- :func:`reverse_feature_triggers` (``feature.py``): the same idea one layer down, a channel
+  mask and values per class at a hidden layer (ours; finds full-image triggers such as WaNet's
+  and SIG's, which the pixel-space reverse misses).
 - :func:`synthesize` (``data.py``): DeepInversion-style images per class from the model alone
   (class confidence + BatchNorm statistics + image priors), for data-free defenses.
 - :func:`detect_outlier` / :func:`anomaly_index` (``detect.py``): Neural Cleanse's MAD test.
@@ -11,7 +14,9 @@ Shared by ShapPruning (its first three stages) and ONP (its default backdoor pro
 
 from .data import SynthesizedData, synthesize
 from .detect import ANOMALY_THRESHOLD, Detection, anomaly_index, detect_outlier
+from .feature import FeatureTriggers, reverse_feature_triggers
 from .trigger import ReversedTriggers, reverse_triggers
 
-__all__ = ["ANOMALY_THRESHOLD", "Detection", "ReversedTriggers", "SynthesizedData",
-           "anomaly_index", "detect_outlier", "reverse_triggers", "synthesize"]
+__all__ = ["ANOMALY_THRESHOLD", "Detection", "FeatureTriggers", "ReversedTriggers",
+           "SynthesizedData", "anomaly_index", "detect_outlier", "reverse_feature_triggers",
+           "reverse_triggers", "synthesize"]
