@@ -32,7 +32,10 @@ Ours (the paper does not publish them):
 - the backdoor score: a trigger-free probe (:mod:`trojanprune.onp.probes`), by default the
   success rate of the Neural-Cleanse-reversed trigger (shared with ShapPruning) on the held-out
   images, counted with a 2-logit safety margin (a reversed trigger is weaker than the real
-  one); or ANP's or RNP's neuron masks (``probe="anp"`` / ``"unlearn"``). If the anomaly index
+  one); or the feature-space reversed trigger (``probe="feature-trigger"``: the fewest channels
+  of a hidden layer that send images to a class, our design), or ``probe="auto"``, which runs
+  both reverses and follows the feature-space one when it flags a different class; or ANP's
+  or RNP's neuron masks (``probe="anp"`` / ``"unlearn"``). If the anomaly index
   flags no class, the class with the smallest reversed mask is the presumed target (``target``
   overrides it);
 - the final choice: among every pruning the agent tried, the trained policy's greedy pruning

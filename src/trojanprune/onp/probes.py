@@ -37,6 +37,12 @@ Built in:
     mean activation when the fit images are stamped, in units of its clean standard deviation
     (Neural Cleanse's own pruning criterion, normalized); (2) a first-order (Taylor) estimate of
     how much removing the channel lowers the target margin on stamped images.
+``feature-trigger``: the same idea one layer down (:func:`trojanprune.reverse.reverse_feature_triggers`):
+    per class, a channel mask and values written into a hidden layer; score = that trigger's
+    success under each pruning (see :class:`FeatureTriggerProbe`). Finds WaNet's and SIG's
+    targets on the CIFAR-10 zoo, where the pixel-space reverse flags wrong classes.
+``auto``: both reverses; the feature-space probe when it flags a class the pixel-space reverse
+    does not name, else the reversed-trigger probe (:class:`AutoProbe`).
 ``anp``: Signal: ``1 - m`` for ANP's optimized neuron masks ``m`` (Wu & Wang, NeurIPS 2021;
     :func:`trojanprune.defenses.neuron_perturbation.anp_mask_scores` on the fit half; low mask
     = sensitive to adversarial neuron perturbation = suspect). Score: the share of the excess
