@@ -158,3 +158,30 @@ def test_single_class_model_is_refused():
     with pytest.raises(ConfigError, match="at least 2 classes"):
         tp.repair(one, None, method="shappruning", input_shape="1,8,8")
     assert all(torch.equal(before[k], v) for k, v in one.state_dict().items())
+
+
+def test_feature_space_reverse_is_used_only_when_it_names_another_class(backdoor_case, few, repaired,
+                                                                        monkeypatch):
+    import dataclasses
+
+    import trojanprune.defenses.shappruning as shap
+
+    opts = dict(FAST, feature_steps=100)
+    # here the feature-space reverse flags nothing, so "auto" keeps the pixel trigger: the
+    # default's repair, plus the feature reverse's work
+    auto = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, reverse="auto", **opts)
+    assert auto.details["trigger_space"] == "pixel" and "feature_reverse" in auto.details
+    assert auto.pruned == repaired.pruned and auto.target == 0
+    assert auto.evaluations == repaired.evaluations + auto.details["evaluations"]["feature_reverse"]
+    # a feature-space flag on a class the pixel reverse does not name is followed: the game is
+    # played on the trigger written into that layer
+    original = shap.reverse_feature_triggers
+    monkeypatch.setattr(shap, "reverse_feature_triggers",
+                        lambda *a, **k: dataclasses.replace(original(*a, **k), target=3, flagged=[3]))
+    followed = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, reverse="auto", **opts)
+    assert followed.details["trigger_space"] == "feature" and followed.target == 3
+    assert followed.details["trigger"]["space"] == "feature"
+    assert followed.details["shapley"]["images"] == int((few.labels != 3).sum())
+    assert followed.pruned != repaired.pruned
+    with pytest.raises(ConfigError, match="reverse must be one of"):
+        tp.repair(backdoor_case.model, few, method="shappruning", reverse="both")

@@ -68,7 +68,8 @@ from torch import nn
 
 from ..engine import MaskEvaluator, apply_masks_permanently, discover_units
 from ..errors import ConfigError, DataError, TrojanPruneError
-from ..reverse import reverse_triggers, synthesize
+from ..reverse import reverse_feature_triggers, reverse_triggers, synthesize
+from ..reverse.feature import default_layer
 from ..shapley import estimate_shapley
 from ..utils import derive_seed
 from . import register
@@ -76,6 +77,7 @@ from .base import CleanData, Defense, RepairResult
 
 _VALUES = ("margin", "success")
 _KINDS = ("conv", "linear", "any")
+_REVERSES = ("pixel", "auto", "feature")
 _PROBE_SIZES = (32, 28, 64, 224, 96, 128, 256, 16)
 
 
@@ -103,6 +105,13 @@ class Options:
             Neural Cleanse).
         force: prune even when no backdoor is detected, treating the class with the smallest
             reversed mask as the target (False).
+        reverse: "pixel" (default: the paper's Neural-Cleanse-style reverse), "auto" (OURS: also
+            the feature-space reverse of :func:`trojanprune.reverse.reverse_feature_triggers`;
+            when it flags a class the pixel reverse does not name, its trigger, written into
+            that layer, is the game's trigger; the rule of ONP's ``auto`` probe) or "feature"
+            (OURS: the feature-space reverse only). Why: Neural Cleanse models a patch and
+            flags a wrong class on WaNet and SIG (BENCHMARKS.md).
+        feature_steps: Adam steps of the feature-space reverse (300, ours).
     Shapley estimation:
         layers: unit groups whose channels are the players: "last:N", "first:N", "all", or
             comma-separated group names ("last:2", ours: the deepest layers carry the backdoor
@@ -145,6 +154,8 @@ class Options:
     success_threshold: float = 0.9
     anomaly_threshold: float = 2.0
     force: bool = False
+    reverse: str = "pixel"
+    feature_steps: int = 300
     layers: str = "last:2"
     kind: str = "conv"
     value: str = "margin"
@@ -169,6 +180,10 @@ class Options:
                               isinstance(self.budget, (int, float)) and self.budget <= 0 else
                               f"budget must be a fraction of the prunable channels in (0, 1], got "
                               f"{self.budget!r}")
+        if self.reverse not in _REVERSES:
+            raise ConfigError(f"reverse must be one of {_REVERSES}, got {self.reverse!r}")
+        if isinstance(self.feature_steps, bool) or not isinstance(self.feature_steps, int) or self.feature_steps < 1:
+            raise ConfigError(f"feature_steps must be an integer >= 1, got {self.feature_steps!r}")
         if self.value not in _VALUES:
             raise ConfigError(f"value must be one of {_VALUES}, got {self.value!r}")
         if self.kind not in _KINDS:
@@ -264,6 +279,26 @@ class ShapPruning(Defense):
                               "mask_norm": float(rev.mask_norms[suspect]),
                               "attack_success": float(rev.attack_success[suspect])}
 
+        feature = None
+        if o.reverse != "pixel":
+            start = time.perf_counter()
+            layer = default_layer(all_units)  # written where the players can prune it
+            feature = reverse_feature_triggers(
+                model, units, x, y, k, layer=layer if layer in units else units.names[0],
+                steps=o.feature_steps, seed=derive_seed(self.seed, "feature reverse"),
+                progress=self.progress, anomaly_threshold=o.anomaly_threshold)
+            seconds["feature_reverse"] = time.perf_counter() - start
+            evals["feature_reverse"] = feature.evaluations
+            details["feature_reverse"] = feature.summary()
+            if o.reverse == "feature" or (feature.target is not None and feature.target != rev.target):
+                rev = _FeatureVerdict(feature)
+                suspect = rev.suspect
+                details["trigger"] = {"class": suspect, "flagged": rev.target is not None,
+                                      "space": "feature", "layer": feature.layer,
+                                      "mask_norm": float(feature.mask_norms[suspect]),
+                                      "attack_success": float(feature.attack_success[suspect])}
+        details["trigger_space"] = "feature" if isinstance(rev, _FeatureVerdict) else "pixel"
+
         result = RepairResult(model=model, method=self.name, verdict=rev.verdict,
                               target=rev.target, details=details, total_units=all_units.total,
                               images=images)
@@ -283,8 +318,10 @@ class ShapPruning(Defense):
         if not bool(victims.any()):
             raise DataError(f"every image is of the target class {target}; the reversed trigger "
                             "cannot be measured (pass images of the other classes)")
-        stamped = rev.apply(x[victims], target)
-        trig = MaskEvaluator(model, units, stamped)
+        if isinstance(rev, _FeatureVerdict):  # the trigger is written into a layer, not stamped
+            trig = _WrittenTrigger(MaskEvaluator(model, units, x[victims]), rev.features, target)
+        else:
+            trig = MaskEvaluator(model, units, rev.apply(x[victims], target))
         value_fn = backdoor_value_fn(trig, target, o.value)
         est = estimate_shapley(
             value_fn, units.total, permutations=o.permutations, truncation_tol=o.truncation_tol,
@@ -324,6 +361,29 @@ class ShapPruning(Defense):
             details["evaluations"]["shapley_plain"] = details["shapley"]["evaluations_plain"]
         details["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
         return result
+
+
+class _FeatureVerdict:
+    """The detection verdict of a feature-space reverse, read like a pixel-space one."""
+
+    def __init__(self, features):
+        self.features = features
+        self.target, self.suspect, self.verdict = features.target, features.suspect, features.verdict
+
+
+class _WrittenTrigger:
+    """A MaskEvaluator on clean images whose logits carry the feature-space trigger of
+    ``target`` (written into its layer before the masks act): the game's "stamped" images."""
+
+    def __init__(self, evaluator: MaskEvaluator, features, target: int):
+        self.evaluator, self.features, self.edit = evaluator, features, features.edit(target)
+
+    @property
+    def evaluations(self) -> int:
+        return self.evaluator.evaluations
+
+    def logits(self, masks) -> torch.Tensor:
+        return self.evaluator.edited_logits(masks, self.features.module, self.edit, grad=False)
 
 
 def _target_margin(logits: torch.Tensor, target: int) -> torch.Tensor:

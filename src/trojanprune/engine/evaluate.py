@@ -140,8 +140,9 @@ class MaskEvaluator:
                 mod.training = flag
 
     def edited_logits(self, masks: MaskInput, module: str, edit, grad: bool = True) -> torch.Tensor:
-        """(M, B, K) logits like :meth:`logits` (with gradients unless ``grad=False``), where the output of the hook
-        point ``module`` is first replaced by ``edit(out, j0, j1)`` and then masked.
+        """(M, B, K) logits like :meth:`logits` (with gradients unless ``grad=False``), where
+        the output of the hook point ``module`` is first replaced by ``edit(out, j0, j1)`` and
+        then masked.
 
         ``out`` has shape (j1 - j0, b, ...): the module's output for masks j0..j1-1 (mask-major)
         on a block of b images; ``edit`` returns a tensor of the same shape. This is how a

@@ -39,8 +39,9 @@ Built in:
     how much removing the channel lowers the target margin on stamped images.
 ``feature-trigger``: the same idea one layer down (:func:`trojanprune.reverse.reverse_feature_triggers`):
     per class, a channel mask and values written into a hidden layer; score = that trigger's
-    success under each pruning (see :class:`FeatureTriggerProbe`). Finds WaNet's and SIG's
-    targets on the CIFAR-10 zoo, where the pixel-space reverse flags wrong classes.
+    success under each pruning (see :class:`FeatureTriggerProbe`). On the CIFAR-10 zoo it finds
+    BadNets' and WaNet's targets (Neural Cleanse misses WaNet's) but flags a wrong class on
+    Blended and SIG.
 ``auto``: both reverses; the feature-space probe when it flags a class the pixel-space reverse
     does not name, else the reversed-trigger probe (:class:`AutoProbe`).
 ``anp``: Signal: ``1 - m`` for ANP's optimized neuron masks ``m`` (Wu & Wang, NeurIPS 2021;
@@ -344,13 +345,15 @@ class AutoProbe(Probe):
     """Both trigger reverses, then the probe whose reverse is trusted (OUR rule).
 
     The pixel-space reverse (Neural Cleanse) models a patch; the feature-space reverse models
-    "a few channels switched on", which every trigger becomes inside the network but which a
-    blended full-image pattern spreads thin. Rule: when the feature-space reverse flags a class
-    (MAD index > 2) and it differs from the pixel-space target, the ``feature-trigger`` probe
-    is used; otherwise (the two agree, or feature space flags nothing) the
-    ``reversed-trigger`` probe. On the CIFAR-10 vgg_small zoo this picks the true target on all
-    four attacks, where each reverse alone misses two (BENCHMARKS.md). A user ``target``
-    skips the vote and uses the reversed-trigger probe. Costs both reverses.
+    "a few channels switched on", which every trigger becomes inside the network. Rule: when the
+    feature-space reverse flags a class (MAD index > 2) that differs from the pixel-space
+    target, the ``feature-trigger`` probe is used; otherwise (the two agree, or feature space
+    flags nothing) the ``reversed-trigger`` probe. A user ``target`` skips the vote and uses the
+    reversed-trigger probe. Costs both reverses. Measured on the CIFAR-10 vgg_small zoo
+    (BENCHMARKS.md): right on BadNets (both agree) and WaNet (the feature reverse overrules
+    Neural Cleanse's wrong class 1, and ONP then removes the backdoor), wrong on Blended (the
+    feature reverse flags class 8, a false positive, and overrules the correct pixel flag) and
+    SIG (it flags the target and class 8 and picks 8). Hence not the default.
     """
 
     name = "auto"
