@@ -181,6 +181,7 @@ def test_feature_space_reverse_is_used_only_when_it_names_another_class(backdoor
     followed = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, reverse="auto", **opts)
     assert followed.details["trigger_space"] == "feature" and followed.target == 3
     assert followed.details["trigger"]["space"] == "feature"
+    assert "trigger_mask" not in followed.images and "unused_pixel_trigger_mask" in followed.images
     assert followed.details["shapley"]["images"] == int((few.labels != 3).sum())
     assert followed.pruned != repaired.pruned
     with pytest.raises(ConfigError, match="reverse must be one of"):

@@ -423,6 +423,9 @@ _IMAGE_NAMES = {
     "trigger_pattern": "reversed trigger: pattern",
     "trigger_stamp": "reversed trigger: mask × pattern (what is stamped)",
     "synthetic_images": "synthesized inputs (data-free)",
+    "unused_pixel_trigger_mask": "pixel-space reversed trigger (not used: the feature-space one was): mask",
+    "unused_pixel_trigger_pattern": "pixel-space reversed trigger (not used): pattern",
+    "unused_pixel_trigger_stamp": "pixel-space reversed trigger (not used): mask × pattern",
 }
 
 

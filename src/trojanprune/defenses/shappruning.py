@@ -293,6 +293,9 @@ class ShapPruning(Defense):
             if o.reverse == "feature" or (feature.target is not None and feature.target != rev.target):
                 rev = _FeatureVerdict(feature)
                 suspect = rev.suspect
+                for key in ("trigger_mask", "trigger_pattern", "trigger_stamp"):
+                    # the pixel reverse's images are of another class; kept, named as unused
+                    images[f"unused_pixel_{key}"] = images.pop(key)
                 details["trigger"] = {"class": suspect, "flagged": rev.target is not None,
                                       "space": "feature", "layer": feature.layer,
                                       "mask_norm": float(feature.mask_norms[suspect]),
