@@ -49,7 +49,6 @@ def main():
             subprocess.run(cmd, check=True)
         record = json.loads((run_dir / "run.json").read_text())
         t, m = record["training"], record["metrics"]
-        target = record["attack"]["target"]
         rows.append(f"| {attack} | {t['config']['epochs']} | {t['images_per_second']:.0f} | "
                     f"{t['seconds'] / 60:.1f} | {t['peak_rss_mib']:.0f} | {m['acc']:.2f} | "
                     f"{m['asr']:.2f} | {m['ra']:.2f} | {target_class_accuracy(run_dir, args.data_dir):.1f} |")

@@ -74,8 +74,8 @@ class Options:
     acc_tolerance: automatic choice: prune the lowest masks one by one while the held-out
         accuracy stays at most this FRACTION below the unpruned model's (0.02 = 2 points;
         ours: with the usual 500 clean images the held-out 100 measure accuracy in 1-point
-        steps, so 1 point would be
-        noise, while defenses are usually judged acceptable within 2-3 points of clean accuracy).
+        steps, so 1 point would be noise, while defenses are usually judged acceptable within
+        2-3 points of clean accuracy).
     holdout: fraction of the clean set held out for that choice (0.2; ours). Unused with a
         fixed threshold or prune_ratio.
     layers: which unit groups get masks: "all" (default, as the paper: every BN layer),

@@ -66,9 +66,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..engine import MaskEvaluator, apply_masks_permanently, discover_units
+from ..engine import MaskEvaluator, apply_masks_permanently, discover_units, target_margin
 from ..errors import ConfigError, DataError, TrojanPruneError
-from ..reverse import reverse_feature_triggers, reverse_triggers, synthesize
+from ..reverse import FeatureTriggers, reverse_feature_triggers, reverse_triggers, synthesize
 from ..reverse.feature import default_layer
 from ..shapley import estimate_shapley
 from ..utils import derive_seed
@@ -275,11 +275,8 @@ class ShapPruning(Defense):
         images["trigger_mask"] = rev.masks[suspect].clone()
         images["trigger_pattern"] = rev.patterns[suspect].clone()
         images["trigger_stamp"] = (rev.masks[suspect] * rev.patterns[suspect]).clone()
-        details["trigger"] = {"class": suspect, "flagged": rev.target is not None,
-                              "mask_norm": float(rev.mask_norms[suspect]),
-                              "attack_success": float(rev.attack_success[suspect])}
+        details["trigger"] = _trigger_summary(rev)
 
-        feature = None
         if o.reverse != "pixel":
             start = time.perf_counter()
             layer = default_layer(all_units)  # written where the players can prune it
@@ -291,16 +288,12 @@ class ShapPruning(Defense):
             evals["feature_reverse"] = feature.evaluations
             details["feature_reverse"] = feature.summary()
             if o.reverse == "feature" or (feature.target is not None and feature.target != rev.target):
-                rev = _FeatureVerdict(feature)
-                suspect = rev.suspect
+                rev = feature
                 for key in ("trigger_mask", "trigger_pattern", "trigger_stamp"):
                     # the pixel reverse's images are of another class; kept, named as unused
                     images[f"unused_pixel_{key}"] = images.pop(key)
-                details["trigger"] = {"class": suspect, "flagged": rev.target is not None,
-                                      "space": "feature", "layer": feature.layer,
-                                      "mask_norm": float(feature.mask_norms[suspect]),
-                                      "attack_success": float(feature.attack_success[suspect])}
-        details["trigger_space"] = "feature" if isinstance(rev, _FeatureVerdict) else "pixel"
+                details["trigger"] = _trigger_summary(rev, space="feature", layer=feature.layer)
+        details["trigger_space"] = "feature" if isinstance(rev, FeatureTriggers) else "pixel"
 
         result = RepairResult(model=model, method=self.name, verdict=rev.verdict,
                               target=rev.target, details=details, total_units=all_units.total,
@@ -309,7 +302,7 @@ class ShapPruning(Defense):
             details["mitigation"] = {"pruned": 0, "reason": "no backdoor detected: model returned "
                                      "unpruned (pass force=True to prune anyway)"}
             return self._finish(result, evals, seconds)
-        target = suspect
+        target = rev.suspect
         if rev.target is None:
             details["forced"] = (f"no backdoor detected; force=True: pruning for class {target}, "
                                  "the class with the smallest reversed mask")
@@ -321,8 +314,8 @@ class ShapPruning(Defense):
         if not bool(victims.any()):
             raise DataError(f"every image is of the target class {target}; the reversed trigger "
                             "cannot be measured (pass images of the other classes)")
-        if isinstance(rev, _FeatureVerdict):  # the trigger is written into a layer, not stamped
-            trig = _WrittenTrigger(MaskEvaluator(model, units, x[victims]), rev.features, target)
+        if isinstance(rev, FeatureTriggers):  # the trigger is written into a layer, not stamped
+            trig = _WrittenTrigger(MaskEvaluator(model, units, x[victims]), rev, target)
         else:
             trig = MaskEvaluator(model, units, rev.apply(x[victims], target))
         value_fn = backdoor_value_fn(trig, target, o.value)
@@ -366,12 +359,11 @@ class ShapPruning(Defense):
         return result
 
 
-class _FeatureVerdict:
-    """The detection verdict of a feature-space reverse, read like a pixel-space one."""
-
-    def __init__(self, features):
-        self.features = features
-        self.target, self.suspect, self.verdict = features.target, features.suspect, features.verdict
+def _trigger_summary(rev, **extra) -> dict:
+    """The trigger the game is played on: a pixel-space or a feature-space reverse's suspect."""
+    k = rev.suspect
+    return {"class": k, "flagged": rev.target is not None, **extra,
+            "mask_norm": float(rev.mask_norms[k]), "attack_success": float(rev.attack_success[k])}
 
 
 class _WrittenTrigger:
@@ -387,13 +379,6 @@ class _WrittenTrigger:
 
     def logits(self, masks) -> torch.Tensor:
         return self.evaluator.edited_logits(masks, self.features.module, self.edit, grad=False)
-
-
-def _target_margin(logits: torch.Tensor, target: int) -> torch.Tensor:
-    """(..., B) logit of ``target`` minus the largest other logit."""
-    other = logits.clone()
-    other[..., target] = float("-inf")
-    return logits[..., target] - other.amax(-1)
 
 
 def _mitigate(candidates: list[int], total: int, trig: MaskEvaluator, plain: MaskEvaluator,
@@ -412,7 +397,7 @@ def _mitigate(candidates: list[int], total: int, trig: MaskEvaluator, plain: Mas
         mask = torch.ones(1, total)
         mask[0, dropped] = 0
         lt, lp, lg = trig.logits(mask)[0], plain.logits(mask)[0], guard.logits(mask)[0]
-        mt, mp = _target_margin(lt, target).mean(), _target_margin(lp, target).mean()
+        mt, mp = target_margin(lt, target).mean(), target_margin(lp, target).mean()
         own = lg.gather(-1, labels.view(-1, 1)).squeeze(-1)
         rest = lg.scatter(-1, labels.view(-1, 1), float("-inf")).amax(-1)
         return {"trigger_rate": float((lt.argmax(-1) == target).float().mean()),
@@ -477,7 +462,7 @@ def backdoor_value_fn(evaluator: MaskEvaluator, target: int, value: str = "margi
         logits = evaluator.logits(keep.float())
         if value == "success":
             return (logits.argmax(-1) == target).float().mean(1)
-        return _target_margin(logits, target).clamp_min(0).mean(1)
+        return target_margin(logits, target).clamp_min(0).mean(1)
     return fn
 
 

@@ -16,7 +16,7 @@ Typical search::
     repaired = apply_masks_permanently(model, units, pruned)
 """
 
-from .evaluate import EvaluationBudgetExceeded, MaskEvaluator
+from .evaluate import EvaluationBudgetExceeded, MaskEvaluator, target_margin
 from .export import export_pruned
 from .masks import ChannelMasks, apply_masks_permanently, as_group_masks, scale_channels
 from .units import UnitGroup, Units, channel_dim, discover_units
@@ -24,5 +24,5 @@ from .units import UnitGroup, Units, channel_dim, discover_units
 __all__ = [
     "ChannelMasks", "EvaluationBudgetExceeded", "MaskEvaluator", "UnitGroup", "Units",
     "apply_masks_permanently", "as_group_masks", "channel_dim", "discover_units", "export_pruned",
-    "scale_channels",
+    "scale_channels", "target_margin",
 ]

@@ -125,19 +125,7 @@ class MaskEvaluator:
     # -- public API -----------------------------------------------------------------------
     def logits(self, masks: MaskInput) -> torch.Tensor:
         """(M, B, K) logits of the model under each of the M masks."""
-        group_masks, m = self._prepare(masks)
-        self._charge(m)
-        flags = {mod: mod.training for mod in self._modules.values()}
-        try:
-            self.model.eval()
-            with torch.no_grad():
-                if self._graph is None:
-                    return self._logits_hooks(group_masks, m)
-                self._check_weights()
-                return self._logits_fx(group_masks, m)
-        finally:
-            for mod, flag in flags.items():
-                mod.training = flag
+        return self._evaluate(masks, None, grad=False)
 
     def edited_logits(self, masks: MaskInput, module: str, edit, grad: bool = True) -> torch.Tensor:
         """(M, B, K) logits like :meth:`logits` (with gradients unless ``grad=False``), where
@@ -154,19 +142,7 @@ class MaskEvaluator:
         if module not in self._specs:
             raise ConfigError(f"{module!r} is not a hook point of these units; choose one of "
                               f"{sorted(self._specs)[:8]}{' ...' if len(self._specs) > 8 else ''}")
-        group_masks, m = self._prepare(masks)
-        self._charge(m)
-        flags = {mod: mod.training for mod in self._modules.values()}
-        try:
-            self.model.eval()
-            with torch.set_grad_enabled(grad):
-                if self._graph is None:
-                    return self._logits_hooks(group_masks, m, (module, edit))
-                self._check_weights()
-                return self._logits_fx(group_masks, m, (module, edit))
-        finally:
-            for mod, flag in flags.items():
-                mod.training = flag
+        return self._evaluate(masks, (module, edit), grad)
 
     def accuracy(self, masks: MaskInput, labels: torch.Tensor | None = None) -> torch.Tensor:
         """(M,) fraction of images classified as their label."""
@@ -195,6 +171,21 @@ class MaskEvaluator:
         """Drop cached activations (done automatically when the weights change)."""
         self._cache.clear()
         self._fingerprint = None
+
+    def _evaluate(self, masks: MaskInput, edit, grad: bool) -> torch.Tensor:
+        group_masks, m = self._prepare(masks)
+        self._charge(m)
+        flags = {mod: mod.training for mod in self._modules.values()}
+        try:
+            self.model.eval()
+            with torch.set_grad_enabled(grad):
+                if self._graph is None:
+                    return self._logits_hooks(group_masks, m, edit)
+                self._check_weights()
+                return self._logits_fx(group_masks, m, edit)
+        finally:
+            for mod, flag in flags.items():
+                mod.training = flag
 
     # -- argument handling ----------------------------------------------------------------
     def _prepare(self, masks: MaskInput) -> tuple[dict[str, torch.Tensor], int]:
@@ -489,6 +480,13 @@ class MaskEvaluator:
                 obj = getattr(obj, part)  # live lookup: follows .to(device) and reassignment
             return obj
         raise TrojanPruneError(f"unexpected fx node {node.op} {node.target}")
+
+
+def target_margin(logits: torch.Tensor, target: int) -> torch.Tensor:
+    """(...,) logit of class ``target`` minus the largest other logit, over the last dim."""
+    other = logits.clone()
+    other[..., target] = float("-inf")
+    return logits[..., target] - other.amax(-1)
 
 
 class _Tracer(fx.Tracer):

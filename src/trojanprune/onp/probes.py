@@ -73,7 +73,7 @@ import torch
 from torch import nn
 
 from ..defenses.base import CleanData
-from ..engine import ChannelMasks, MaskEvaluator, Units
+from ..engine import ChannelMasks, MaskEvaluator, Units, target_margin
 from ..errors import ConfigError, DataError
 from ..registry import Registry
 from ..utils import derive_seed
@@ -159,6 +159,24 @@ class Probe:
             raise ConfigError(f"target must be a class in 0..{self.fit.num_classes - 1}, got {target}")
         return int(target)
 
+    def _presume_target(self, reversed_, space: str) -> None:
+        """Set :attr:`target` and :attr:`target_source` from a trigger reverse: the user's
+        ``target``, else the class its anomaly index flags, else its smallest mask."""
+        user = self._user_target()
+        if user is not None:
+            self.target, self.target_source = user, "given by the user (option target)"
+        elif reversed_.target is not None:
+            self.target, self.target_source = reversed_.target, f"flagged by the MAD anomaly index{space}"
+        else:
+            self.target = int(reversed_.mask_norms.argmin())
+            self.target_source = (f"no class flagged by the anomaly index{space}: the class with the "
+                                  "smallest reversed mask (set option target to choose)")
+
+    def _margin_score(self, logits: torch.Tensor) -> torch.Tensor:
+        """(M,) share of images still counted as backdoored: the target logit within
+        ``score_margin`` of the top one (see the module docstring)."""
+        return (target_margin(logits, self.target) > -self.score_margin).float().mean(1)
+
     def _off_target(self, data: CleanData, target: int, what: str) -> torch.Tensor:
         x = data.x[data.y != target]
         if len(x) == 0:
@@ -180,11 +198,7 @@ def margin_taylor(model: nn.Module, units: Units, images: torch.Tensor, target: 
     grad = torch.zeros(units.total, device=images.device)
     with ChannelMasks(model, units, mask), torch.enable_grad():
         for start in range(0, len(images), batch_size):
-            logits = model(images[start:start + batch_size])
-            own = logits[:, target]
-            other = logits.clone()
-            other[:, target] = float("-inf")
-            margin = (own - other.amax(1)).sum() / len(images)
+            margin = target_margin(model(images[start:start + batch_size]), target).sum() / len(images)
             grad += torch.autograd.grad(margin, mask)[0]
     return grad.detach().float().cpu()
 
@@ -222,15 +236,7 @@ class ReversedTriggerProbe(Probe):
                                          seed=derive_seed(seed, "onp-reverse"), progress=progress,
                                          **kwargs)
         self.setup_evaluations += self.reversed.evaluations
-        user = self._user_target()
-        if user is not None:
-            self.target, self.target_source = user, "given by the user (option target)"
-        elif self.reversed.target is not None:
-            self.target, self.target_source = self.reversed.target, "flagged by the MAD anomaly index"
-        else:
-            self.target = int(self.reversed.mask_norms.argmin())
-            self.target_source = ("no class flagged by the anomaly index: the class with the "
-                                  "smallest reversed mask (set option target to choose)")
+        self._presume_target(self.reversed, "")
         t = self.target
         stamped_held = self.reversed.apply(self._off_target(held, t, "held-out"), t)
         self._score_ev = self._evaluator(model, stamped_held)
@@ -246,16 +252,8 @@ class ReversedTriggerProbe(Probe):
     def signal(self) -> torch.Tensor:
         return self._signal
 
-    def _margins(self, masks: torch.Tensor) -> torch.Tensor:
-        """(M, B) target logit minus the best other logit, per stamped held-out image."""
-        logits = self._score_ev.logits(masks)
-        own = logits[..., self.target]
-        other = logits.clone()
-        other[..., self.target] = float("-inf")
-        return own - other.amax(-1)
-
     def score(self, masks: torch.Tensor) -> torch.Tensor:
-        return (self._margins(masks) > -self.score_margin).float().mean(1)
+        return self._margin_score(self._score_ev.logits(masks))
 
     def details(self) -> dict[str, Any]:
         return {"probe": self.name, "target": self.target, "target_source": self.target_source,
@@ -298,14 +296,7 @@ class FeatureTriggerProbe(Probe):
             steps=int(getattr(options, "feature_steps", 300)), seed=derive_seed(seed, "onp-feature"),
             progress=progress)
         self.setup_evaluations += self.features.evaluations
-        user = self._user_target()
-        if user is not None:
-            self.target, self.target_source = user, "given by the user (option target)"
-        elif self.features.target is not None:
-            self.target, self.target_source = self.features.target, "flagged by the MAD anomaly index (feature space)"
-        else:
-            self.target = int(self.features.mask_norms.argmin())
-            self.target_source = "no class flagged in feature space: the class with the smallest mask"
+        self._presume_target(self.features, " (feature space)")
         self.score_margin = float(getattr(options, "score_margin", 2.0))
         self._score_ev = self._evaluator(model, self._off_target(held, self.target, "held-out"))
         self._edit = self.features.edit(self.target)
@@ -329,11 +320,8 @@ class FeatureTriggerProbe(Probe):
         return self._signal
 
     def score(self, masks: torch.Tensor) -> torch.Tensor:
-        logits = self._score_ev.edited_logits(masks, self.features.module, self._edit, grad=False)
-        own = logits[..., self.target]
-        other = logits.clone()
-        other[..., self.target] = float("-inf")
-        return ((own - other.amax(-1)) > -self.score_margin).float().mean(1)
+        return self._margin_score(
+            self._score_ev.edited_logits(masks, self.features.module, self._edit, grad=False))
 
     def details(self) -> dict[str, Any]:
         return {"probe": self.name, "target": self.target, "target_source": self.target_source,

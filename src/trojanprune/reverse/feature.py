@@ -82,12 +82,7 @@ class FeatureTriggers:
     def edit(self, classes):
         """An ``edit`` for :meth:`MaskEvaluator.edited_logits`: mask j writes the trigger of
         ``classes[j]`` (an int applies one class's trigger under every mask)."""
-        def fn(out: torch.Tensor, j0: int, j1: int) -> torch.Tensor:
-            idx = classes if isinstance(classes, int) else classes[j0:j1]
-            m = self.masks.to(out.device, out.dtype)[idx]
-            v = self.values.to(out.device, out.dtype)[idx]
-            return write(out, m, v, self.channel_dim, self.rectify)
-        return fn
+        return writer(self.masks, self.values, self.channel_dim, self.rectify, classes)
 
     def summary(self) -> dict:
         return {"verdict": self.verdict, "target": self.target, "flagged": list(self.flagged),
@@ -118,6 +113,17 @@ def write(out: torch.Tensor, m: torch.Tensor, v: torch.Tensor, dim: int,
     shape[dim + 1] = out.shape[dim + 1]
     m, v = m.reshape(shape), v.reshape(shape)
     return (1 - m) * (out.clamp_min(0) if rectify else out) + m * v
+
+
+def writer(masks: torch.Tensor, values: torch.Tensor, dim: int, rectify: bool, classes=None):
+    """An ``edit`` for :meth:`MaskEvaluator.edited_logits` that writes class triggers
+    (``masks``, ``values``: (K, C)): mask j writes ``classes[j]``'s, one class's under every
+    mask for an int, class j's when ``classes`` is None."""
+    def fn(out: torch.Tensor, j0: int, j1: int) -> torch.Tensor:
+        idx = slice(j0, j1) if classes is None else classes if isinstance(classes, int) else classes[j0:j1]
+        m, v = masks[idx].to(out.device, out.dtype), values[idx].to(out.device, out.dtype)
+        return write(out, m, v, dim, rectify)
+    return fn
 
 
 def default_layer(units: Units) -> str:
@@ -187,15 +193,12 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
     def current():
         return torch.sigmoid(mask_w), F.softplus(value_w) * scale * 2
 
-    def written(m, v):
-        return lambda out, j0, j1: write(out, m[j0:j1], v[j0:j1], dim, rectify)
-
     run = 0
     with progress_bar(progress) as bar:
         task = bar.add_task("feature trigger reverse", total=steps)
         for run in range(1, steps + 1):
             m, v = current()
-            logits = evaluator.edited_logits(ones, module, written(m, v))
+            logits = evaluator.edited_logits(ones, module, writer(m, v, dim, rectify))
             ce = F.cross_entropy(logits.reshape(k * len(x), -1), labels, reduction="none").reshape(k, -1)
             loss = ((ce * weight).sum(1) / weight.sum(1) + cost * m.sum(1)).sum()
             check_finite(loss.detach(), "feature trigger reverse")
@@ -206,7 +209,7 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
             bar.advance(task)
     with torch.no_grad():
         m, v = current()
-        logits = evaluator.edited_logits(ones, module, written(m, v), grad=False)
+        logits = evaluator.edited_logits(ones, module, writer(m, v, dim, rectify), grad=False)
         success = ((logits.argmax(-1) == classes.unsqueeze(1)).float() * weight).sum(1) / weight.sum(1)
         norms = m.sum(1)
     detection = detect_outlier(norms.cpu(), anomaly_threshold)
@@ -218,4 +221,4 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
                            rectify=rectify)
 
 
-__all__ = ["FeatureTriggers", "default_layer", "reverse_feature_triggers", "write"]
+__all__ = ["FeatureTriggers", "default_layer", "reverse_feature_triggers", "write", "writer"]
