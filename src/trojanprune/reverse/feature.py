@@ -15,11 +15,12 @@ BatchNorm, where pruning masks act):
 
 The backdoor target needs only its few backdoor channels, a natural class needs many, so its
 mask norm is a low-side MAD outlier (:func:`~.detect.detect_outlier`, the same test as Neural
-Cleanse). Measured on the zoo models (penultimate conv layer, 10 images per class, cost 0.02,
-300 steps): the target's norm is an outlier on BadNets (0.2 vs a median of 5.0) and WaNet (0.8
-vs 5.5), where Neural Cleanse flags a wrong class. It is not a reliable detector on its own: on
-Blended, one draw of images flags nothing and ONP's fit images flag class 8 (index 7.2, a false
-positive); on SIG it flags the target and class 8 about equally. ONP's ``auto`` probe and
+Cleanse). Measured on the zoo models (penultimate conv layer, 10 images per class from ONP's fit
+half, cost 0.02, 300 steps; BENCHMARKS.md, "ONP's backdoor probes"): the target is flagged on
+BadNets (index 8.4) and WaNet (norm 0.8 vs a median of 5.5), where Neural Cleanse flags a wrong
+class. It is not a reliable detector on its own: on Blended those images flag class 8 (index
+7.2, a false positive) while ShapPruning's one image per class flags nothing; on SIG it flags
+the target and class 8 about equally. ONP's ``auto`` probe and
 ShapPruning's ``reverse="auto"`` combine it with the pixel-space reverse; neither is a default.
 
 Choices (ours): all classes in one batched problem through the engine's
@@ -103,8 +104,9 @@ def write(out: torch.Tensor, m: torch.Tensor, v: torch.Tensor, dim: int,
     rectified value is injecting after the ReLU, where a channel that is off is switched on by
     ``m * v`` alone; mixed before the ReLU, a strongly negative pre-activation must first be
     overcome, which blurs the difference between the few backdoor channels and the rest.
-    Measured on the SIG zoo model (10 images per class, 300 steps): rectified, the target's
-    norm is an outlier (3.6 vs a median of 4.7, index 2.4); unrectified it is not (5.1 vs 4.9).
+    A one-off check during development on the SIG zoo model (10 images per class, 300 steps;
+    not a committed benchmark): rectified, the target's norm was an outlier (3.6 vs a median of
+    4.7, index 2.4); unrectified it was not (5.1 vs 4.9).
     In a ReLU network ``m = 0`` changes nothing either way.
     """
     if m.dim() == 1:
