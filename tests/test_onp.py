@@ -330,6 +330,50 @@ def test_auto_probe_follows_the_feature_reverse_only_when_it_disagrees(backdoor_
     json.dumps(overruled.details())
 
 
+def test_suspects_probe_scores_every_flagged_trigger(backdoor_case, monkeypatch):
+    import dataclasses
+
+    import trojanprune.reverse as reverse
+    from trojanprune.defenses.onp import Options
+
+    case = backdoor_case
+    x, y = case.clean.tensors()
+    fit, held = CleanData(x, y, 10).split(0.5, seed=0)
+    units = discover_units(case.model, x[:1])
+    quick = dict(probe="suspects", reverse_steps=60, reverse_batch_size=4, feature_steps=60,
+                 feature_per_class=5)
+    original = reverse.reverse_feature_triggers
+    monkeypatch.setattr(reverse, "reverse_feature_triggers",
+                        lambda *a, **k: dataclasses.replace(original(*a, **k), target=3, flagged=[3]))
+    p = create_probe("suspects", case.model, units, fit, held, Options(**quick), seed=0)
+    # the pixel reverse flags the true target 0; the (forced) feature flag 3 joins it, no vote
+    assert p.suspects == [("pixel", 0), ("feature", 3)]
+    assert p.signal().shape == (units.total, 4) and torch.isfinite(p.signal()).all()
+    keep = torch.ones(3, units.total)
+    keep[1] = 1 - (p.signal()[:, 2] > 0.3).float()  # prune the feature trigger's channels only
+    keep[2, p.signal()[:, 1].argsort(descending=True)[:30]] = 0  # and the pixel trigger's top channels
+    parts = torch.stack([q.score(keep).cpu() for q in p.parts])
+    assert torch.allclose(p.score(keep), parts.mean(0))
+    # disabling one suspect lowers the score by that suspect's share and leaves the other's
+    assert float(parts[0, 0]) > 0.9 and float(parts[1, 0]) > 0.9
+    assert float(parts[1, 1]) < float(parts[1, 0]) - 0.5 and float(parts[0, 1]) > 0.9
+    assert float(p.score(keep)[1]) < float(p.score(keep)[0])
+    # both reverses are counted once, with every scoring pass
+    assert p.evaluations == p.first_pixel.evaluations + p.parts[1].evaluations
+    json.dumps(p.details())
+    # a user target: that class in both spaces
+    fixed = create_probe("suspects", case.model, units, fit, held, Options(target=5, **quick), seed=0)
+    assert fixed.suspects == [("pixel", 5), ("feature", 5)] and fixed.target == 5
+    # nothing flagged anywhere: the smallest pixel mask, as the reversed-trigger probe
+    monkeypatch.setattr(reverse, "reverse_feature_triggers",
+                        lambda *a, **k: dataclasses.replace(original(*a, **k), target=None, flagged=[]))
+    pixel_original = reverse.reverse_triggers
+    monkeypatch.setattr(reverse, "reverse_triggers",
+                        lambda *a, **k: dataclasses.replace(pixel_original(*a, **k), target=None, flagged=[]))
+    alone = create_probe("suspects", case.model, units, fit, held, Options(**quick), seed=0)
+    assert alone.suspects == [("pixel", int(alone.first_pixel.reversed.mask_norms.argmin()))]
+
+
 def test_unlearn_probe_runs_through_the_defense(backdoor_case):
     case = backdoor_case
     r = tp.repair(case.model, case.clean, method="onp", probe="unlearn", unlearn_epochs=5,

@@ -34,7 +34,9 @@ Ours (the paper does not publish them):
   images, counted with a 2-logit safety margin (a reversed trigger is weaker than the real
   one); or the feature-space reversed trigger (``probe="feature-trigger"``: the fewest channels
   of a hidden layer that send images to a class, our design), or ``probe="auto"``, which runs
-  both reverses and follows the feature-space one when it flags a different class; or ANP's
+  both reverses and follows the feature-space one when it flags a different class, or
+  ``probe="suspects"``, which scores the mean over the triggers of every class either reverse
+  flags; or ANP's
   or RNP's neuron masks (``probe="anp"`` / ``"unlearn"``). If the anomaly index
   flags no class, the class with the smallest reversed mask is the presumed target (``target``
   overrides it);
@@ -78,7 +80,8 @@ class Options:
 
     Backdoor probe (trigger-free; :mod:`trojanprune.onp.probes`):
     probe: "reversed-trigger" (default), "feature-trigger", "auto" (both trigger reverses, then
-        the trusted one), "anp" or "unlearn" (or a registered probe's name).
+        the trusted one), "suspects" (both reverses, every flagged class's trigger scored),
+        "anp" or "unlearn" (or a registered probe's name).
     target: the presumed backdoor target class; None (default) = the probe decides (reversed
         trigger: the class flagged by the MAD anomaly index, else the smallest reversed mask).
     reverse_steps, reverse_batch_size: trigger-reverse steps and images per class per step

@@ -44,6 +44,9 @@ Built in:
     Blended and SIG.
 ``auto``: both reverses; the feature-space probe when it flags a class the pixel-space reverse
     does not name, else the reversed-trigger probe (:class:`AutoProbe`).
+``suspects``: both reverses, no vote: every class either of them flags is a suspect, each with
+    its own trigger, and the score is the mean of the suspects' scores, so the reward decides
+    which triggers a cheap pruning can disable (:class:`SuspectsProbe`).
 ``anp``: Signal: ``1 - m`` for ANP's optimized neuron masks ``m`` (Wu & Wang, NeurIPS 2021;
     :func:`trojanprune.defenses.neuron_perturbation.anp_mask_scores` on the fit half; low mask
     = sensitive to adversarial neuron perturbation = suspect). Score: the share of the excess
@@ -223,20 +226,28 @@ class ReversedTriggerProbe(Probe):
     name = "reversed-trigger"
     signal_names = ("trigger_act_shift", "trigger_taylor")
 
-    def __init__(self, model, units, fit, held, options, seed=0, progress=False):
+    def __init__(self, model, units, fit, held, options, seed=0, progress=False, *,
+                 reversed_=None, target: int | None = None):
+        """``reversed_`` and ``target``: a reverse already run (its cost counted elsewhere) and
+        the class to probe, as the ``suspects`` probe passes them; None = run and presume."""
         super().__init__(model, units, fit, held, options, seed, progress)
-        from ..reverse import reverse_triggers
+        if reversed_ is None:
+            from ..reverse import reverse_triggers
 
-        kwargs = {}
-        if getattr(options, "reverse_steps", None) is not None:
-            kwargs["steps"] = int(options.reverse_steps)
-        if getattr(options, "reverse_batch_size", None) is not None:
-            kwargs["batch_size"] = int(options.reverse_batch_size)
-        self.reversed = reverse_triggers(model, fit.x, fit.y, fit.num_classes,
+            kwargs = {}
+            if getattr(options, "reverse_steps", None) is not None:
+                kwargs["steps"] = int(options.reverse_steps)
+            if getattr(options, "reverse_batch_size", None) is not None:
+                kwargs["batch_size"] = int(options.reverse_batch_size)
+            reversed_ = reverse_triggers(model, fit.x, fit.y, fit.num_classes,
                                          seed=derive_seed(seed, "onp-reverse"), progress=progress,
                                          **kwargs)
-        self.setup_evaluations += self.reversed.evaluations
-        self._presume_target(self.reversed, "")
+            self.setup_evaluations += reversed_.evaluations
+        self.reversed = reversed_
+        if target is None:
+            self._presume_target(self.reversed, "")
+        else:
+            self.target, self.target_source = int(target), "a suspect of the suspects probe"
         t = self.target
         stamped_held = self.reversed.apply(self._off_target(held, t, "held-out"), t)
         self._score_ev = self._evaluator(model, stamped_held)
@@ -286,17 +297,25 @@ class FeatureTriggerProbe(Probe):
     name = "feature-trigger"
     signal_names = ("feature_trigger_mask", "feature_trigger_taylor")
 
-    def __init__(self, model, units, fit, held, options, seed=0, progress=False):
+    def __init__(self, model, units, fit, held, options, seed=0, progress=False, *,
+                 features=None, target: int | None = None):
+        """``features`` and ``target``: as ``reversed_`` and ``target`` of
+        :class:`ReversedTriggerProbe`."""
         super().__init__(model, units, fit, held, options, seed, progress)
-        from ..reverse import reverse_feature_triggers
+        if features is None:
+            from ..reverse import reverse_feature_triggers
 
-        x, y = per_class_subset(fit, int(getattr(options, "feature_per_class", 10)))
-        self.features = reverse_feature_triggers(
-            model, units, x, y, fit.num_classes, layer=getattr(options, "feature_layer", None),
-            steps=int(getattr(options, "feature_steps", 300)), seed=derive_seed(seed, "onp-feature"),
-            progress=progress)
-        self.setup_evaluations += self.features.evaluations
-        self._presume_target(self.features, " (feature space)")
+            x, y = per_class_subset(fit, int(getattr(options, "feature_per_class", 10)))
+            features = reverse_feature_triggers(
+                model, units, x, y, fit.num_classes, layer=getattr(options, "feature_layer", None),
+                steps=int(getattr(options, "feature_steps", 300)),
+                seed=derive_seed(seed, "onp-feature"), progress=progress)
+            self.setup_evaluations += features.evaluations
+        self.features = features
+        if target is None:
+            self._presume_target(self.features, " (feature space)")
+        else:
+            self.target, self.target_source = int(target), "a suspect of the suspects probe"
         self.score_margin = float(getattr(options, "score_margin", 2.0))
         self._score_ev = self._evaluator(model, self._off_target(held, self.target, "held-out"))
         self._edit = self.features.edit(self.target)
@@ -376,6 +395,82 @@ class AutoProbe(Probe):
 
     def details(self) -> dict[str, Any]:
         return {**self.inner.details(), "probe": self.name, "vote": self.vote}
+
+
+@register_probe
+class SuspectsProbe(Probe):
+    """Every class either trigger reverse flags is a suspect; the reward decides (OUR design).
+
+    ``auto`` has to bet on one reverse, and on the CIFAR-10 zoo each reverse is wrong on some
+    attack (Neural Cleanse flags a wrong class on WaNet and SIG, the feature-space reverse a
+    wrong one on Blended and SIG), while the true target was always among the classes the two
+    flag together. So this probe does not vote: it runs both reverses and keeps one trigger per
+    flagged (space, class) pair: the pixel trigger of each class the MAD index flags in pixel
+    space, the feature trigger of each class it flags in feature space (neither flags anything:
+    the smallest pixel mask's class, as ``reversed-trigger``; a user ``target``: that class's
+    trigger in both spaces). Score: the MEAN of the suspects' scores (each as in its own probe),
+    so the agent is paid for every trigger it disables; the max would hide the progress on the
+    real trigger behind a false suspect that no cheap pruning disables. A false suspect's
+    natural-feature trigger costs clean accuracy to disable, which the reward weighs. Signal:
+    per channel, the largest value over the suspects of each of the two probes' signals
+    (4 columns; zero where a space has no suspect). Costs both reverses and one scoring pass
+    per suspect.
+    """
+
+    name = "suspects"
+    signal_names = ReversedTriggerProbe.signal_names + FeatureTriggerProbe.signal_names
+
+    def __init__(self, model, units, fit, held, options, seed=0, progress=False):
+        super().__init__(model, units, fit, held, options, seed, progress)
+        self.first_pixel = ReversedTriggerProbe(model, units, fit, held, options, seed, progress)
+        self.first_feature = FeatureTriggerProbe(model, units, fit, held, options, seed, progress)
+        reversed_, features = self.first_pixel.reversed, self.first_feature.features
+        user = self._user_target()
+        if user is not None:
+            pixel_classes, feature_classes = [user], [user]
+        else:
+            pixel_classes, feature_classes = list(reversed_.flagged), list(features.flagged)
+            if not pixel_classes and not feature_classes:
+                pixel_classes = [self.first_pixel.target]
+        self.pixel = [self.first_pixel if self.first_pixel.target == c else
+                      ReversedTriggerProbe(model, units, fit, held, options, seed, progress,
+                                           reversed_=reversed_, target=c) for c in pixel_classes]
+        self.feature = [self.first_feature if self.first_feature.target == c else
+                        FeatureTriggerProbe(model, units, fit, held, options, seed, progress,
+                                            features=features, target=c) for c in feature_classes]
+        self.parts: list[Probe] = self.pixel + self.feature
+        self.suspects = [("pixel", p.target) for p in self.pixel] + [("feature", p.target) for p in self.feature]
+        # Reported target: the class most suspects name (pixel space first on a tie).
+        classes = [c for _, c in self.suspects]
+        self.target = max(dict.fromkeys(classes), key=classes.count)
+        self.images = {f"{name}_class{p.target}": image for p in self.pixel
+                       for name, image in p.images.items()}
+        self._signal = torch.cat([self._strongest(self.pixel, len(ReversedTriggerProbe.signal_names)),
+                                  self._strongest(self.feature, len(FeatureTriggerProbe.signal_names))], 1)
+
+    def _strongest(self, probes: list[Probe], columns: int) -> torch.Tensor:
+        if not probes:
+            return torch.zeros(self.units.total, columns)
+        return torch.stack([p.signal() for p in probes]).amax(0)
+
+    @property
+    def evaluations(self) -> int:
+        # The first two probes ran the reverses (counted in their setup); the rest reuse them.
+        built = {id(p): p for p in [self.first_pixel, self.first_feature, *self.parts]}
+        return sum(p.evaluations for p in built.values())
+
+    def signal(self) -> torch.Tensor:
+        return self._signal
+
+    def score(self, masks: torch.Tensor) -> torch.Tensor:
+        return torch.stack([p.score(masks).float().cpu() for p in self.parts]).mean(0)
+
+    def details(self) -> dict[str, Any]:
+        return {"probe": self.name, "target": self.target,
+                "suspects": [{"space": space, "class": c} for space, c in self.suspects],
+                "score": "mean of the suspects' trigger scores",
+                "reverse": self.first_pixel.reversed.summary(),
+                "feature_reverse": self.first_feature.features.summary()}
 
 
 def suspicion_weights(suspicion: torch.Tensor) -> torch.Tensor:
@@ -481,6 +576,6 @@ class UnlearnProbe(_MaskSuspicionProbe):
 
 
 __all__ = ["PROBES", "ANPProbe", "AutoProbe", "FeatureTriggerProbe", "Probe",
-           "ReversedTriggerProbe", "UnlearnProbe", "per_class_subset",
+           "ReversedTriggerProbe", "SuspectsProbe", "UnlearnProbe", "per_class_subset",
            "activation_shift", "available_probes", "create_probe", "margin_taylor", "register_probe",
            "suspicion_weights"]
