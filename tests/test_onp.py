@@ -23,7 +23,7 @@ from trojanprune.onp.probes import PROBES, FeatureTriggerProbe, Probe, create_pr
 
 # A shorter trigger reverse than Neural Cleanse's 300 steps x 32 images per class keeps this
 # file fast; on the fixture it still flags the real target (class 0).
-FAST_REVERSE = dict(reverse_steps=150, reverse_batch_size=8)
+FAST_REVERSE = dict(reverse_steps=150, reverse_batch_size=8, feature_steps=150, feature_per_class=5)
 
 
 def _state(model):
@@ -189,9 +189,10 @@ def test_agent_learns_and_the_pruning_removes_the_backdoor(backdoor_case, onp_ru
     # needed. (Measured on seeds 0-3: the second half beats the first by 0.27 to 0.68.)
     assert len(curve) == 8
     assert sum(curve[4:]) / 4 > sum(curve[:4]) / 4 + 0.2, curve
-    # the reversed trigger (the probe) was found for the real target, and the final pruning
+    # the default probe suspects the real target (pixel space flags it), and the final pruning
     # cuts the TRUE trigger's ASR, which ONP never saw, while keeping accuracy
-    assert result.target == 0 and d["probe"]["target_source"].startswith("flagged")
+    assert d["probe"]["probe"] == "suspects" and {"space": "pixel", "class": 0} in d["probe"]["suspects"]
+    assert result.target == 0
     assert after["asr"] < 20, after
     assert case.before["acc"] - after["acc"] < 4, after
     assert 0 < len(result.pruned) <= 0.1 * result.total_units
@@ -215,7 +216,7 @@ def test_result_records_policy_scores_curve_and_evaluations(backdoor_case, onp_r
     # two evaluations per episode (held-out accuracy and reversed-trigger success) at least
     assert d["evaluations_by_part"]["reward_accuracy"] >= 129
     assert d["evaluations_by_part"]["probe"] >= d["probe"]["reverse"]["evaluations"] + 129
-    assert {"reversed_trigger_mask", "reversed_trigger_pattern"} <= set(result.images)
+    assert {"reversed_trigger_mask_class0", "reversed_trigger_pattern_class0"} <= set(result.images)
     # what is pruned is what the engine removed: the pruned channels are zero
     for name, ch in result.pruned:
         assert float(result.model.get_submodule(name).weight[ch].abs().sum()) == 0.0
@@ -224,7 +225,8 @@ def test_result_records_policy_scores_curve_and_evaluations(backdoor_case, onp_r
 
 def test_same_seed_same_pruning(backdoor_case):
     case = backdoor_case
-    opts = dict(seed=3, episodes=16, episodes_per_update=8, reverse_steps=10, reverse_batch_size=4)
+    opts = dict(seed=3, episodes=16, episodes_per_update=8, reverse_steps=10, reverse_batch_size=4,
+                feature_steps=20, feature_per_class=3)
     a = tp.repair(case.model, case.clean, method="onp", **opts)
     b = tp.repair(case.model, case.clean, method="onp", **opts)
     assert a.pruned == b.pruned
@@ -347,7 +349,7 @@ def test_suspects_probe_scores_every_flagged_trigger(backdoor_case, monkeypatch)
                         lambda *a, **k: dataclasses.replace(original(*a, **k), target=3, flagged=[3]))
     p = create_probe("suspects", case.model, units, fit, held, Options(**quick), seed=0)
     # the pixel reverse flags the true target 0; the (forced) feature flag 3 joins it, no vote
-    assert p.suspects == [("pixel", 0), ("feature", 3)]
+    assert p.suspects == [("pixel", 0), ("feature", 3)] and p.target is None
     assert p.signal().shape == (units.total, 4) and torch.isfinite(p.signal()).all()
     keep = torch.ones(3, units.total)
     keep[1] = 1 - (p.signal()[:, 2] > 0.3).float()  # prune the feature trigger's channels only
@@ -372,6 +374,7 @@ def test_suspects_probe_scores_every_flagged_trigger(backdoor_case, monkeypatch)
                         lambda *a, **k: dataclasses.replace(pixel_original(*a, **k), target=None, flagged=[]))
     alone = create_probe("suspects", case.model, units, fit, held, Options(**quick), seed=0)
     assert alone.suspects == [("pixel", int(alone.first_pixel.reversed.mask_norms.argmin()))]
+    assert alone.target == alone.suspects[0][1]
 
 
 def test_unlearn_probe_runs_through_the_defense(backdoor_case):

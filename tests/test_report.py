@@ -139,6 +139,18 @@ def test_report_without_trigger_or_measurements():
     assert "no threshold &lt;kept&gt; accuracy" in text
 
 
+def test_onp_suspects_are_named_when_no_single_target():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU())
+    details = {"probe": {"probe": "suspects", "target": None,
+                         "suspects": [{"space": "pixel", "class": 1}, {"space": "feature", "class": 0}]}}
+    result = RepairResult(model=model, method="onp", pruned=[("0", 1)], details=details)
+    text = render_report(result, {"method": "onp", **result.to_dict()})
+    assert "suspects 1 (pixel), 0 (feature)" in text and "not identified" not in text
+    result.images = {"reversed_trigger_mask_class1": torch.rand(1, 4, 4)}
+    text = render_report(result, {"method": "onp", **result.to_dict()})
+    assert "pixel-space reversed trigger for class 1: mask" in text
+
+
 def test_clp_scores_and_generic_details():
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU())
     details = {"u": 3, "groups": {"0": {"residual": False, "pruned": [1], "layers": {

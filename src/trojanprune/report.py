@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -429,6 +430,18 @@ _IMAGE_NAMES = {
 }
 
 
+def _caption(name: str) -> str:
+    """A picture's caption: the known names, and ONP's ``reversed_trigger_<part>[_class<k>]``."""
+    if name in _IMAGE_NAMES:
+        return _IMAGE_NAMES[name]
+    onp = re.fullmatch(r"reversed_trigger_(mask|pattern)(?:_class(\d+))?", name)
+    if onp:
+        part = "mask" if onp[1] == "mask" else "mask × pattern (what is stamped)"
+        who = f" for class {onp[2]}" if onp[2] else ""
+        return f"pixel-space reversed trigger{who}: {part}"
+    return name
+
+
 def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
@@ -518,7 +531,7 @@ def _trigger_section(images: Mapping[str, torch.Tensor]) -> str:
         cls = ' class="wide"' if wide else ""
         figs.append(f'<figure{cls}><img{cls} alt="{_e(name)}" '
                     f'src="data:image/png;base64,{_image_png(image)}"><figcaption>'
-                    f'{_e(_IMAGE_NAMES.get(name, name))}<br>{_e(size)} px</figcaption></figure>')
+                    f'{_e(_caption(name))}<br>{_e(size)} px</figcaption></figure>')
     if not figs:
         return ""
     trig = any(n.startswith("trigger_") for n in images)
@@ -632,8 +645,13 @@ def render_report(result, record: Mapping, *, curve: list[dict] | None = None,
     pruned_count = record.get("pruned_count", len(getattr(result, "pruned", [])))
     total = record.get("total_units", getattr(result, "total_units", None))
     after = record.get("after") or {}
+    suspects = ((record.get("details") or {}).get("probe") or {}).get("suspects")
+    if target is None and suspects:  # ONP's suspects probe: several classes, no single target
+        target_text = "suspects " + ", ".join(f"{s['class']} ({s['space']})" for s in suspects)
+    else:
+        target_text = "not identified" if target is None else target
     badges = [("verdict", verdict, tone),
-              ("target class", "not identified" if target is None else target, ""),
+              ("target class", target_text, ""),
               ("pruned", f"{pruned_count} of {total} channels" if total else f"{pruned_count} channels", "")]
     if "asr" in after:
         badges.append(("ASR after", f"{after['asr']:.2f} %", "good" if after["asr"] < 20 else "bad"))
