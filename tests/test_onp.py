@@ -197,6 +197,7 @@ def test_agent_learns_and_the_pruning_removes_the_backdoor(backdoor_case, onp_ru
     assert case.before["acc"] - after["acc"] < 4, after
     assert 0 < len(result.pruned) <= 0.1 * result.total_units
     assert d["choice"]["held_out_acc"] >= d["unpruned"]["acc"] - 0.02 - 1e-9
+    assert d["choice"]["all_clean_acc"] >= d["choice"]["all_clean_acc_unpruned"] - 0.02 - 1e-9
     # the input model is untouched, nothing left hooked
     assert _same_state(case.model, state), "the input model was modified"
     assert not any(m._forward_hooks for m in case.model.modules())
@@ -221,6 +222,39 @@ def test_result_records_policy_scores_curve_and_evaluations(backdoor_case, onp_r
     for name, ch in result.pruned:
         assert float(result.model.get_submodule(name).weight[ch].abs().sum()) == 0.0
     json.dumps(result.to_dict())
+
+
+def test_final_choice_is_confirmed_on_all_clean_images():
+    """The best-reward pruning on the held-out half is rejected when it loses accuracy on all
+    the clean images (the winner's curse); the next one by reward is taken."""
+    from trojanprune.defenses.onp import ONP
+    from trojanprune.onp.agent import PPOHistory
+
+    total = 6
+    history = PPOHistory()
+    history.actions.append(torch.tensor([[1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0]], dtype=torch.bool))
+    history.info.append({"reward": torch.tensor([0.9, 0.8]), "acc": torch.tensor([0.9, 0.9]),
+                         "backdoor": torch.tensor([0.0, 0.1]), "pruned": torch.tensor([1.0, 1.0])})
+
+    def measure(keep):  # the policy's own prunings score badly here
+        n = len(keep)
+        return {"reward": torch.full((n,), -1.0), "acc": torch.full((n,), 0.9),
+                "backdoor": torch.ones(n), "pruned": (keep < 0.5).float().sum(1)}
+
+    base = {"reward": torch.tensor([-0.1]), "acc": torch.tensor([0.9]), "backdoor": torch.tensor([1.0]),
+            "pruned": torch.tensor([0.0])}
+
+    class AllClean:  # pruning unit 0 costs 10 points on all the clean images
+        def accuracy(self, keep):
+            return 0.85 - 0.1 * (keep[:, 0] < 0.5).float()
+
+    probs = torch.full((total,), 0.1)
+    defense = ONP(seed=0)
+    chosen, choice = defense._choose(probs, history, measure, base, total, None)
+    assert choice["source"] == "episode 1" and float(chosen[0]) == 0
+    chosen, choice = defense._choose(probs, history, measure, base, total, AllClean())
+    assert choice["source"] == "episode 2" and float(chosen[1]) == 0 and float(chosen[0]) == 1
+    assert choice["rejected_by_confirmation"] == 1 and abs(choice["all_clean_acc"] - 0.85) < 1e-6
 
 
 def test_same_seed_same_pruning(backdoor_case):
