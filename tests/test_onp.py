@@ -477,3 +477,6 @@ def test_options_from_cli_strings(backdoor_case):
     assert math.isclose(Options().backdoor_weight, 1.0)
     with pytest.raises(ConfigError, match="backdoor_weight"):
         make_options(Options, {"backdoor_weight": "nan"}, "onp")
+    assert make_options(Options, {"confirm_on_all": "off"}, "onp").confirm_on_all is False
+    with pytest.raises(ConfigError, match="confirm_on_all of onp is true or false, got 'maybe'"):
+        make_options(Options, {"confirm_on_all": "maybe"}, "onp")

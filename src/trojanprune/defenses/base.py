@@ -135,7 +135,10 @@ def make_options(cls: type, values: dict[str, Any], method: str):
     for key, value in values.items():
         default = getattr(cls, key, None) if not isinstance(names[key].default, dataclasses._MISSING_TYPE) else None
         if isinstance(default, bool) and isinstance(value, str):
-            value = value.lower() in ("1", "true", "yes", "on")
+            word = value.strip().lower()
+            if word not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ConfigError(f"option {key} of {method} is true or false, got {value!r}")
+            value = word in ("1", "true", "yes", "on")
         elif isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(value, str):
             try:
                 value = type(default)(value)
