@@ -111,7 +111,7 @@ class Options:
         the agent the constraint the final choice enforces anyway; without it (0) the agent,
         for which removing the backdoor is worth up to lambda = 100 points of accuracy, spends
         its episodes on prunings the final choice must reject (on the test fixture with the
-        default probe, 4 of 204 candidates were admissible and ASR stayed at 18%).
+        reversed-trigger probe, 4 of 204 candidates were admissible and ASR stayed at 18%).
 
     Agent (:mod:`trojanprune.onp.agent`):
     episodes: prunings the agent tries (192); must be >= 1.
