@@ -395,7 +395,9 @@ def test_suspects_probe_scores_every_flagged_trigger(backdoor_case, monkeypatch)
     assert float(parts[1, 1]) < float(parts[1, 0]) - 0.5 and float(parts[0, 1]) > 0.9
     assert float(p.score(keep)[1]) < float(p.score(keep)[0])
     # both reverses are counted once, with every scoring pass
-    assert p.evaluations == p.first_pixel.evaluations + p.parts[1].evaluations
+    assert p.setup_evaluations == p.reversed.evaluations + p.features.evaluations
+    assert p.evaluations == p.setup_evaluations + sum(q.evaluations for q in p.parts)
+    assert [q.setup_evaluations for q in p.parts] == [3, 1]  # their own signal passes only
     json.dumps(p.details())
     # a user target: that class in both spaces
     fixed = create_probe("suspects", case.model, units, fit, held, Options(target=5, **quick), seed=0)
@@ -407,7 +409,7 @@ def test_suspects_probe_scores_every_flagged_trigger(backdoor_case, monkeypatch)
     monkeypatch.setattr(reverse, "reverse_triggers",
                         lambda *a, **k: dataclasses.replace(pixel_original(*a, **k), target=None, flagged=[]))
     alone = create_probe("suspects", case.model, units, fit, held, Options(**quick), seed=0)
-    assert alone.suspects == [("pixel", int(alone.first_pixel.reversed.mask_norms.argmin()))]
+    assert alone.suspects == [("pixel", int(alone.reversed.mask_norms.argmin()))]
     assert alone.target == alone.suspects[0][1]
 
 

@@ -413,6 +413,7 @@ class ONP(Defense):
         if confirm is not None:
             base_all = float(confirm.accuracy(torch.ones(1, total))[0])
             floor_all = base_all - o.acc_tolerance - 1e-9
+            # the unpruned model is among the candidates and passes, so the loop always stops
             for start in range(0, len(ranked), 16):  # a batch of 16 per evaluation
                 batch = ranked[start:start + 16]
                 accs = confirm.accuracy(keeps[batch]).cpu()
@@ -422,8 +423,6 @@ class ONP(Defense):
                     rejected = start + int(passing[0])
                     break
                 rejected = start + len(batch)
-            else:  # not reached: the unpruned model is a candidate and passes
-                best, all_acc = 0, base_all
         choice = {"source": sources[best], "reward": float(stats["reward"][best]),
                   "held_out_acc": float(stats["acc"][best]),
                   "backdoor_score": float(stats["backdoor"][best]),

@@ -220,6 +220,31 @@ def activation_shift(model: nn.Module, units: Units, clean: torch.Tensor,
 # built-in probes
 # ------------------------------------------------------------------------------------------
 
+def pixel_reverse(model: nn.Module, fit: CleanData, options: Any, seed: int, progress: bool):
+    """Neural Cleanse's pixel-space reverse on the fit half, with ONP's reverse options."""
+    from ..reverse import reverse_triggers
+
+    kwargs = {}
+    if getattr(options, "reverse_steps", None) is not None:
+        kwargs["steps"] = int(options.reverse_steps)
+    if getattr(options, "reverse_batch_size", None) is not None:
+        kwargs["batch_size"] = int(options.reverse_batch_size)
+    return reverse_triggers(model, fit.x, fit.y, fit.num_classes,
+                            seed=derive_seed(seed, "onp-reverse"), progress=progress, **kwargs)
+
+
+def feature_reverse(model: nn.Module, units: Units, fit: CleanData, options: Any, seed: int,
+                    progress: bool):
+    """The feature-space reverse on ``feature_per_class`` fit images per class."""
+    from ..reverse import reverse_feature_triggers
+
+    x, y = per_class_subset(fit, int(getattr(options, "feature_per_class", 10)))
+    return reverse_feature_triggers(
+        model, units, x, y, fit.num_classes, layer=getattr(options, "feature_layer", None),
+        steps=int(getattr(options, "feature_steps", 300)),
+        seed=derive_seed(seed, "onp-feature"), progress=progress)
+
+
 @register_probe
 class ReversedTriggerProbe(Probe):
     """Backdoor score = success rate of the Neural-Cleanse-reversed trigger (see module doc)."""
@@ -233,16 +258,7 @@ class ReversedTriggerProbe(Probe):
         the class to probe, as the ``suspects`` probe passes them; None = run and presume."""
         super().__init__(model, units, fit, held, options, seed, progress)
         if reversed_ is None:
-            from ..reverse import reverse_triggers
-
-            kwargs = {}
-            if getattr(options, "reverse_steps", None) is not None:
-                kwargs["steps"] = int(options.reverse_steps)
-            if getattr(options, "reverse_batch_size", None) is not None:
-                kwargs["batch_size"] = int(options.reverse_batch_size)
-            reversed_ = reverse_triggers(model, fit.x, fit.y, fit.num_classes,
-                                         seed=derive_seed(seed, "onp-reverse"), progress=progress,
-                                         **kwargs)
+            reversed_ = pixel_reverse(model, fit, options, seed, progress)
             self.setup_evaluations += reversed_.evaluations
         self.reversed = reversed_
         if target is None:
@@ -304,13 +320,7 @@ class FeatureTriggerProbe(Probe):
         :class:`ReversedTriggerProbe`."""
         super().__init__(model, units, fit, held, options, seed, progress)
         if features is None:
-            from ..reverse import reverse_feature_triggers
-
-            x, y = per_class_subset(fit, int(getattr(options, "feature_per_class", 10)))
-            features = reverse_feature_triggers(
-                model, units, x, y, fit.num_classes, layer=getattr(options, "feature_layer", None),
-                steps=int(getattr(options, "feature_steps", 300)),
-                seed=derive_seed(seed, "onp-feature"), progress=progress)
+            features = feature_reverse(model, units, fit, options, seed, progress)
             self.setup_evaluations += features.evaluations
         self.features = features
         if target is None:
@@ -423,22 +433,21 @@ class SuspectsProbe(Probe):
 
     def __init__(self, model, units, fit, held, options, seed=0, progress=False):
         super().__init__(model, units, fit, held, options, seed, progress)
-        self.first_pixel = ReversedTriggerProbe(model, units, fit, held, options, seed, progress)
-        self.first_feature = FeatureTriggerProbe(model, units, fit, held, options, seed, progress)
-        reversed_, features = self.first_pixel.reversed, self.first_feature.features
+        # Both reverses run once here; each suspect's probe reuses them.
+        self.reversed = pixel_reverse(model, fit, options, seed, progress)
+        self.features = feature_reverse(model, units, fit, options, seed, progress)
+        self.setup_evaluations += self.reversed.evaluations + self.features.evaluations
         user = self._user_target()
         if user is not None:
             pixel_classes, feature_classes = [user], [user]
         else:
-            pixel_classes, feature_classes = list(reversed_.flagged), list(features.flagged)
+            pixel_classes, feature_classes = list(self.reversed.flagged), list(self.features.flagged)
             if not pixel_classes and not feature_classes:
-                pixel_classes = [self.first_pixel.target]
-        self.pixel = [self.first_pixel if self.first_pixel.target == c else
-                      ReversedTriggerProbe(model, units, fit, held, options, seed, progress,
-                                           reversed_=reversed_, target=c) for c in pixel_classes]
-        self.feature = [self.first_feature if self.first_feature.target == c else
-                        FeatureTriggerProbe(model, units, fit, held, options, seed, progress,
-                                            features=features, target=c) for c in feature_classes]
+                pixel_classes = [int(self.reversed.mask_norms.argmin())]
+        self.pixel = [ReversedTriggerProbe(model, units, fit, held, options, seed, progress,
+                                           reversed_=self.reversed, target=c) for c in pixel_classes]
+        self.feature = [FeatureTriggerProbe(model, units, fit, held, options, seed, progress,
+                                            features=self.features, target=c) for c in feature_classes]
         self.parts: list[Probe] = self.pixel + self.feature
         self.suspects = [("pixel", p.target) for p in self.pixel] + [("feature", p.target) for p in self.feature]
         # Reported target (informative; the score uses every suspect): the class both spaces
@@ -458,9 +467,7 @@ class SuspectsProbe(Probe):
 
     @property
     def evaluations(self) -> int:
-        # The first two probes ran the reverses (counted in their setup); the rest reuse them.
-        built = {id(p): p for p in [self.first_pixel, self.first_feature, *self.parts]}
-        return sum(p.evaluations for p in built.values())
+        return self.setup_evaluations + sum(p.evaluations for p in self.parts)
 
     def signal(self) -> torch.Tensor:
         return self._signal
@@ -472,8 +479,7 @@ class SuspectsProbe(Probe):
         return {"probe": self.name, "target": self.target,
                 "suspects": [{"space": space, "class": c} for space, c in self.suspects],
                 "score": "mean of the suspects' trigger scores",
-                "reverse": self.first_pixel.reversed.summary(),
-                "feature_reverse": self.first_feature.features.summary()}
+                "reverse": self.reversed.summary(), "feature_reverse": self.features.summary()}
 
 
 def suspicion_weights(suspicion: torch.Tensor) -> torch.Tensor:
@@ -579,6 +585,6 @@ class UnlearnProbe(_MaskSuspicionProbe):
 
 
 __all__ = ["PROBES", "ANPProbe", "AutoProbe", "FeatureTriggerProbe", "Probe",
-           "ReversedTriggerProbe", "SuspectsProbe", "UnlearnProbe", "per_class_subset",
-           "activation_shift", "available_probes", "create_probe", "margin_taylor", "register_probe",
+           "ReversedTriggerProbe", "SuspectsProbe", "UnlearnProbe", "feature_reverse",
+           "per_class_subset", "pixel_reverse", "activation_shift", "available_probes", "create_probe", "margin_taylor", "register_probe",
            "suspicion_weights"]
