@@ -56,7 +56,9 @@ def backdoor_case(shared_data_dir, tmp_path_factory):
     torch.manual_seed(0)
     model = models.create("vgg_small", 10, 1, dataset="mnist",
                           widths=((16, 16), (32, 32), (64, 64)))
-    train(model, poisoned, TrainConfig(epochs=2, lr=0.05, seed=0), progress=False)
+    # NCHW: the layout the figures quoted in the defense tests were measured on (the trainer's
+    # default, channels-last, gives a slightly different model; it is tested in test_training.py)
+    train(model, poisoned, TrainConfig(epochs=2, lr=0.05, seed=0, channels_last=False), progress=False)
     before = metrics.evaluate(model, test, attack)
     assert before["asr"] > 90 and before["acc"] > 90, before
     return SimpleNamespace(model=model.eval(), attack=attack, clean=clean, test=test,

@@ -35,7 +35,7 @@ def clean_model(shared_data_dir, tmp_path_factory):
     torch.manual_seed(0)
     model = models.create("vgg_small", 10, 1, dataset="mnist",
                           widths=((16, 16), (32, 32), (64, 64)))
-    train(model, full.subset(order[:10000]), TrainConfig(epochs=2, lr=0.05, seed=0), progress=False)
+    train(model, full.subset(order[:10000]), TrainConfig(epochs=2, lr=0.05, seed=0, channels_last=False), progress=False)
     return model.eval()
 
 

@@ -543,3 +543,19 @@ def test_edited_logits_fx_and_hooks_agree_and_edit_precedes_masks():
     assert torch.allclose(fx_ev.edited_logits(off, module, edit, grad=False), fx_ev.logits(off), atol=1e-5)
     with pytest.raises(ConfigError, match="not a hook point"):
         fx_ev.edited_logits(masks, "features.0.nope", edit)
+
+
+def test_probe_input_finds_the_size_a_model_runs_on_or_says_what_to_set():
+    from trojanprune.engine.inputs import parse_input_shape, probe_input
+
+    lenet = models.create("lenet5", 10, 1)
+    x, source = probe_input(lenet, "", "cpu", "data-free X")
+    assert tuple(x.shape) == (1, 1, 28, 28) and source == "probed"
+    x, source = probe_input(lenet, "1x28x28", "cpu", "data-free X")
+    assert source == "input_shape option"
+    assert parse_input_shape([3, 32, 32]) == (3, 32, 32)
+    with pytest.raises(ConfigError, match="does not run on inputs of shape"):
+        probe_input(lenet, "1,32,32", "cpu", "data-free X")
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    with pytest.raises(ConfigError, match="data-free X cannot tell .* no conv layer.*input_shape="):
+        probe_input(mlp, "", "cpu", "data-free X")

@@ -37,13 +37,13 @@ import torch
 from torch import nn
 
 from ..engine import apply_masks_permanently, discover_units
+from ..engine.inputs import first_conv, parse_input_shape, probe_input
 from ..errors import ConfigError, TrojanPruneError
 from . import register
 from .base import CleanData, Defense, RepairResult
 
 _CONV = nn.modules.conv._ConvNd
 _BN = nn.modules.batchnorm._BatchNorm
-_PROBE_SIZES = (32, 28, 64, 224, 96, 128, 256, 16)
 
 
 @dataclass
@@ -65,7 +65,7 @@ class Options:
         if not isinstance(self.u, (int, float)) or self.u != self.u:
             raise ConfigError(f"u must be a number, got {self.u!r}")
         if self.input_shape:
-            _parse_shape(self.input_shape)
+            parse_input_shape(self.input_shape)
 
 
 @register
@@ -197,44 +197,6 @@ def example_input(model: nn.Module, clean: CleanData | None, input_shape: str,
     """One input image to trace ``model`` with: from the clean data, ``input_shape``, or probed."""
     if clean is not None and len(clean):
         return clean.x[:1], "clean data"
-    if input_shape:
-        shape = _parse_shape(input_shape)
-        x = torch.rand(1, *shape, device=device)
-        if not _runs(model, x):
-            raise ConfigError(f"the model does not run on inputs of shape {shape} (input_shape)")
-        return x, "input_shape option"
-    first = next((m for m in model.modules() if isinstance(m, _CONV)), None)
-    if first is None:
+    if not input_shape and first_conv(model) is None:
         raise TrojanPruneError("CLP prunes conv channels, and this model has no conv layer")
-    channels = first.in_channels
-    for side in _PROBE_SIZES:
-        x = torch.rand(1, channels, side, side, device=device)
-        if _runs(model, x):
-            return x, "probed"
-    raise ConfigError(f"could not find an input size the model runs on (tried {channels} channels "
-                      f"and {', '.join(map(str, _PROBE_SIZES))} pixels); set the input_shape option, "
-                      f"e.g. input_shape=3,32,32")
-
-
-@torch.no_grad()
-def _runs(model: nn.Module, x: torch.Tensor) -> bool:
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        out = model(x)
-        return isinstance(out, torch.Tensor) and out.dim() == 2
-    except Exception:  # noqa: BLE001 - any failure means "not this shape"
-        return False
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
-
-
-def _parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(p) for p in str(text).replace("x", ",").split(",") if p.strip())
-    except ValueError:
-        shape = ()
-    if len(shape) != 3 or min(shape) < 1:
-        raise ConfigError(f"input_shape must be C,H,W (e.g. 3,32,32), got {text!r}")
-    return shape
+    return probe_input(model, input_shape, device, "data-free CLP")

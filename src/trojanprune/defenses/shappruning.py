@@ -67,6 +67,7 @@ import torch
 from torch import nn
 
 from ..engine import MaskEvaluator, apply_masks_permanently, discover_units, target_margin
+from ..engine.inputs import parse_input_shape, probe_input
 from ..errors import ConfigError, DataError, TrojanPruneError
 from ..reverse import FeatureTriggers, reverse_feature_triggers, reverse_triggers, synthesize
 from ..reverse.feature import default_layer
@@ -78,7 +79,6 @@ from .base import CleanData, Defense, RepairResult
 _VALUES = ("margin", "success")
 _KINDS = ("conv", "linear", "any")
 _REVERSES = ("pixel", "auto", "feature")
-_PROBE_SIZES = (32, 28, 64, 224, 96, 128, 256, 16)
 
 
 @dataclass
@@ -207,7 +207,7 @@ class Options:
         if self.reverse_lr <= 0 or self.init_cost < 0 or self.anomaly_threshold <= 0:
             raise ConfigError("reverse_lr and anomaly_threshold must be positive, init_cost >= 0")
         if self.input_shape:
-            _parse_shape(self.input_shape)
+            parse_input_shape(self.input_shape)
 
 
 @register
@@ -496,53 +496,13 @@ def _discard(value):
         raise ConfigError(f"discard_threshold must be 'auto', 'off' or a number, got {value!r}") from None
 
 
-def _parse_shape(text) -> tuple[int, ...]:
-    if isinstance(text, (tuple, list)):
-        parts = list(text)
-    else:
-        parts = [p for p in str(text).replace("x", ",").split(",") if p.strip()]
-    try:
-        shape = tuple(int(p) for p in parts)
-    except (TypeError, ValueError):
-        shape = ()
-    if len(shape) != 3 or min(shape) < 1:
-        raise ConfigError(f"input_shape must be C,H,W (e.g. 3,32,32), got {text!r}")
-    return shape
-
-
 def _example_input(model: nn.Module, input_shape, device) -> tuple[torch.Tensor, str]:
-    if input_shape:
-        shape = _parse_shape(input_shape)
-        x = torch.rand(1, *shape, device=device)
-        if not _runs(model, x):
-            raise ConfigError(f"the model does not run on inputs of shape {shape} (input_shape)")
-        return x, "input_shape option"
-    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    channels = first.in_channels if first is not None else None
-    if channels is not None:
-        for side in _PROBE_SIZES:
-            x = torch.rand(1, channels, side, side, device=device)
-            if _runs(model, x):
-                warnings.warn(f"shappruning (data-free): input shape probed as {tuple(x.shape[1:])}; "
-                              "synthesized images are only right at the size the model was trained "
-                              "on: set input_shape=C,H,W if this is wrong", RuntimeWarning, stacklevel=3)
-                return x, "probed"
-    raise ConfigError("data-free shappruning cannot tell the model's input shape; set the "
-                      "input_shape option, e.g. input_shape=3,32,32")
-
-
-@torch.no_grad()
-def _runs(model: nn.Module, x: torch.Tensor) -> bool:
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        out = model(x)
-        return isinstance(out, torch.Tensor) and out.dim() == 2
-    except Exception:  # noqa: BLE001 - any failure means "not this shape"
-        return False
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
+    x, source = probe_input(model, input_shape, device, "data-free shappruning")
+    if source == "probed":
+        warnings.warn(f"shappruning (data-free): input shape probed as {tuple(x.shape[1:])}; "
+                      "synthesized images are only right at the size the model was trained "
+                      "on: set input_shape=C,H,W if this is wrong", RuntimeWarning, stacklevel=3)
+    return x, source
 
 
 @torch.no_grad()
