@@ -103,6 +103,27 @@ def test_resume_recomputes_nothing_finished(tiny_grid, tmp_path):
     assert run_bench(parse_config(TINY), out, workers=2, tables=False, plots=False)["ran"] == 0
 
 
+def test_only_runs_part_of_the_grid_and_the_rest_later(tiny_grid, tmp_path):
+    src, _, _ = tiny_grid
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    head, *cells = (out / RESULTS_FILE).read_text().splitlines(keepends=True)
+    (out / RESULTS_FILE).write_text(head + "".join(c for c in cells if json.loads(c)["defense"] == "fp"))
+    summary = run_bench(parse_config(TINY), out, workers=2, only={"defense": ["ft"]}, plots=False)
+    assert summary["ran"] == 1 and summary["skipped"] == 0
+    assert sorted(c["defense"] for c in lines(out)[1:]) == ["fp", "ft"]  # clp left for later
+    # the tables cover every finished cell of the grid, not just the selected ones
+    table = (out / "results.md").read_text()
+    assert "| fp | 1 |" in table and "| ft | 1 |" in table and "| clp | 1 |" not in table
+    summary = run_bench(parse_config(TINY), out, workers=2, tables=False, plots=False)
+    assert summary["ran"] == 1 and summary["skipped"] == 2  # now clp
+    with pytest.raises(ConfigError, match="nope not in this grid's defenses \\(clp, ft, fp\\)"):
+        run_bench(parse_config(TINY), tmp_path / "o2", only={"defense": ["nope"]})
+    with pytest.raises(ConfigError, match="unknown key .*valid: dataset, arch"):
+        run_bench(parse_config(TINY), tmp_path / "o2", only={"model": ["x"]})
+    assert not (tmp_path / "o2").exists()  # refused before anything was written
+
+
 def test_failing_cell_is_recorded_and_the_grid_goes_on(tiny_grid, tmp_path):
     src, _, _ = tiny_grid
     config = dict(TINY, defenses=["clp", "ft"], models_dir=str(src / "models"),
@@ -270,3 +291,10 @@ def test_cli_bench_errors_are_one_line(tmp_path):
     result = CliRunner().invoke(app, ["bench", str(bad), "--out", str(tmp_path / "o2")])
     assert result.exit_code == 2 and "unknown defense(s) 'nope'" in result.output
     assert not (tmp_path / "o2").exists()  # nothing was started
+    result = CliRunner().invoke(app, ["bench", str(config), "--out", str(tmp_path / "o3"),
+                                      "--only", "arch"])
+    assert result.exit_code == 2 and "--only takes KEY=V1,V2" in result.output
+    result = CliRunner().invoke(app, ["bench", str(config), "--out", str(tmp_path / "o3"),
+                                      "--only", "arch=resnet20"])
+    assert result.exit_code == 2 and "resnet20 not in this grid's archs (lenet5)" in result.output
+    assert not (tmp_path / "o3").exists()

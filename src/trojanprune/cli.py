@@ -270,6 +270,10 @@ def bench(
                                               "(HOST:PORT, ray://HOST:PORT or auto) instead."),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     retry_failed: bool = typer.Option(False, help="Run cells recorded as failed again."),
+    only: Optional[list[str]] = typer.Option(
+        None, "--only", metavar="KEY=V1,V2", help="Run only the cells with these coordinates "
+        "(keys: dataset, arch, attack, defense, seed; repeat for several keys), e.g. --only "
+        "arch=resnet20 --only defense=onp,clp. The rest stays for a later run into the same --out."),
 ):
     """Run a benchmark grid (dataset x arch x attack x defense x seed) on Ray; resumable."""
     from .bench import run_bench
@@ -278,8 +282,14 @@ def bench(
         from .data import resolve_data_dir
 
         data_dir = resolve_data_dir(None)
+    selection: dict[str, list[str]] = {}
+    for item in only or []:
+        key, sep, values = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--only takes KEY=V1,V2 (e.g. arch=resnet20), got {item!r}")
+        selection.setdefault(key.strip(), []).extend(v.strip() for v in values.split(",") if v.strip())
     summary = run_bench(config, out, workers=workers, address=ray_address, data_dir=data_dir,
-                        retry_failed=retry_failed)
+                        retry_failed=retry_failed, only=selection)
     if summary["failed"]:
         log(f"[yellow]{summary['failed']} cell(s) failed; see the 'error' field in "
             f"{summary['results']}[/yellow]")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..progress import log
 from .config import BenchConfig, CleanSetting, load_config, parse_config
 from .grid import Cell, ModelJob, check_models_dir, model_dir, plan_cells
@@ -23,7 +24,6 @@ from .results import RESULTS_FORMAT, RESULTS_FORMAT_VERSION, ResultsFile, load_r
 def check_data(config: BenchConfig, data_dir=None) -> None:
     """Every dataset loads and every attack builds with its options, before any training."""
     from .. import attacks, data
-    from ..errors import ConfigError
 
     problems = []
     for name in config.datasets:
@@ -47,13 +47,36 @@ def check_data(config: BenchConfig, data_dir=None) -> None:
         raise ConfigError(f"{config.source or 'config'}: " + "; ".join(dict.fromkeys(problems)))
 
 
+ONLY_KEYS = ("dataset", "arch", "attack", "defense", "seed")
+
+
+def select_cells(cells: list, only: dict[str, list], config: BenchConfig) -> list:
+    """The cells whose coordinates are among ``only``'s values (every key must match)."""
+    grid = {"dataset": config.datasets, "arch": config.archs, "attack": config.attacks,
+            "defense": config.defenses, "seed": config.seeds}
+    for key, values in only.items():
+        if key not in ONLY_KEYS:
+            raise ConfigError(f"--only {key}=...: unknown key (valid: {', '.join(ONLY_KEYS)})")
+        valid = [str(v) for v in grid[key]]
+        unknown = [str(v) for v in values if str(v) not in valid]
+        if unknown or not values:
+            raise ConfigError(f"--only {key}={','.join(map(str, values))}: "
+                              f"{', '.join(unknown) or 'no value'} not in this grid's {key}s "
+                              f"({', '.join(valid)})")
+    return [c for c in cells
+            if all(str(getattr(c, key)) in {str(v) for v in values} for key, values in only.items())]
+
+
 def run_bench(config: str | Path | BenchConfig, out: str | Path, *, workers: int = 2,
               address: str | None = None, data_dir=None, retry_failed: bool = False,
-              tables: bool = True, plots: bool = True) -> dict:
+              only: dict[str, list] | None = None, tables: bool = True,
+              plots: bool = True) -> dict:
     """Run (or resume) a grid into ``out``; returns a summary dict.
 
     Cells already recorded as finished in ``out/results.jsonl`` are skipped; cells recorded
-    as failed run again only with ``retry_failed``.
+    as failed run again only with ``retry_failed``. ``only`` (e.g. ``{"arch": ["resnet20"]}``)
+    runs part of the grid now and leaves the rest for a later call; the tables always cover
+    every finished cell of the grid.
     """
     start = time.perf_counter()
     if not isinstance(config, BenchConfig):
@@ -67,13 +90,14 @@ def run_bench(config: str | Path | BenchConfig, out: str | Path, *, workers: int
         config.models_dir = str(Path(config.models_dir).resolve())
     data_dir = Path(data_dir).expanduser().resolve() if data_dir is not None else None
     out = Path(out).expanduser().resolve()
+    cells = plan_cells(config)
+    selected = select_cells(cells, only or {}, config)
     check_models_dir(config)
     check_data(config, data_dir)
     results = ResultsFile(out, config)
-    cells = plan_cells(config)
     finished = results.finished()
     todo, skipped, failed_before = [], 0, 0
-    for cell in cells:
+    for cell in selected:
         record = finished.get(cell.key)
         if record is None or (retry_failed and record.get("status") != "ok"):
             todo.append(cell)
@@ -81,7 +105,8 @@ def run_bench(config: str | Path | BenchConfig, out: str | Path, *, workers: int
             skipped += 1
         else:
             failed_before += 1
-    log(f"bench {config.name}: {len(cells)} cells; {skipped} already finished, "
+    part = f" ({len(selected)} selected by --only)" if only else ""
+    log(f"bench {config.name}: {len(cells)} cells{part}; {skipped} already finished, "
         f"{failed_before} failed before{' (pass --retry-failed to run them again)' if failed_before else ''}"
         f", {len(todo)} to run; results in {results.path}")
     if todo:
