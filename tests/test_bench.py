@@ -235,7 +235,8 @@ def test_shipped_configs_load():
 
         check_models_dir(cifar)
         assert reusable_model(cifar, ModelJob("cifar10", "vgg_small", "badnets", 0)) is not None
-        assert reusable_model(cifar, ModelJob("cifar10", "resnet20", "badnets", 0)) is None
+        assert reusable_model(cifar, ModelJob("cifar10", "resnet20", "badnets", 0)) is not None
+        assert reusable_model(cifar, ModelJob("cifar10", "resnet20", "nope", 0)) is None
     smoke = load_config(REPO / "benchmarks" / "smoke.yaml")
     from trojanprune import defenses
 
