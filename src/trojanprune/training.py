@@ -102,7 +102,7 @@ def train(model: nn.Module, data: ImageDataset, config: TrainConfig | None = Non
                     continue
                 x = augment_batch(images[idx].float().div_(255), config.augment,
                                   config.crop_padding, generator)
-                if config.channels_last and x.dim() == 4:
+                if config.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 y = labels[idx]
                 logits = model(x)

@@ -47,24 +47,22 @@ def check_data(config: BenchConfig, data_dir=None) -> None:
         raise ConfigError(f"{config.source or 'config'}: " + "; ".join(dict.fromkeys(problems)))
 
 
-ONLY_KEYS = ("dataset", "arch", "attack", "defense", "seed")
-
-
 def select_cells(cells: list, only: dict[str, list], config: BenchConfig) -> list:
     """The cells whose coordinates are among ``only``'s values (every key must match)."""
     grid = {"dataset": config.datasets, "arch": config.archs, "attack": config.attacks,
             "defense": config.defenses, "seed": config.seeds}
+    wanted = {}
     for key, values in only.items():
-        if key not in ONLY_KEYS:
-            raise ConfigError(f"--only {key}=...: unknown key (valid: {', '.join(ONLY_KEYS)})")
+        if key not in grid:
+            raise ConfigError(f"--only {key}=...: unknown key (valid: {', '.join(grid)})")
         valid = [str(v) for v in grid[key]]
         unknown = [str(v) for v in values if str(v) not in valid]
         if unknown or not values:
             raise ConfigError(f"--only {key}={','.join(map(str, values))}: "
                               f"{', '.join(unknown) or 'no value'} not in this grid's {key}s "
                               f"({', '.join(valid)})")
-    return [c for c in cells
-            if all(str(getattr(c, key)) in {str(v) for v in values} for key, values in only.items())]
+        wanted[key] = {str(v) for v in values}
+    return [c for c in cells if all(str(getattr(c, key)) in values for key, values in wanted.items())]
 
 
 def run_bench(config: str | Path | BenchConfig, out: str | Path, *, workers: int = 2,
