@@ -381,9 +381,11 @@ def test_suspects_probe_scores_every_flagged_trigger(backdoor_case, monkeypatch)
     original = reverse.reverse_feature_triggers
     monkeypatch.setattr(reverse, "reverse_feature_triggers",
                         lambda *a, **k: dataclasses.replace(original(*a, **k), target=3, flagged=[3]))
-    p = create_probe("suspects", case.model, units, fit, held, Options(**quick), seed=0)
+    one_layer = dict(quick, suspect_large_masks=False, suspect_last_layer=False)
+    p = create_probe("suspects", case.model, units, fit, held, Options(**one_layer), seed=0)
     # the pixel reverse flags the true target 0; the (forced) feature flag 3 joins it, no vote
-    assert p.suspects == [("pixel", 0), ("feature", 3)] and p.target is None
+    layer = p.features.layer
+    assert p.suspects == [("pixel", 0, None), ("feature", 3, layer)] and p.target is None
     assert p.signal().shape == (units.total, 4) and torch.isfinite(p.signal()).all()
     keep = torch.ones(3, units.total)
     keep[1] = 1 - (p.signal()[:, 2] > 0.3).float()  # prune the feature trigger's channels only
@@ -400,17 +402,61 @@ def test_suspects_probe_scores_every_flagged_trigger(backdoor_case, monkeypatch)
     assert [q.setup_evaluations for q in p.parts] == [3, 1]  # their own signal passes only
     json.dumps(p.details())
     # a user target: that class in both spaces
-    fixed = create_probe("suspects", case.model, units, fit, held, Options(target=5, **quick), seed=0)
-    assert fixed.suspects == [("pixel", 5), ("feature", 5)] and fixed.target == 5
+    fixed = create_probe("suspects", case.model, units, fit, held, Options(target=5, **one_layer), seed=0)
+    assert fixed.suspects == [("pixel", 5, None), ("feature", 5, layer)] and fixed.target == 5
     # nothing flagged anywhere: the smallest pixel mask, as the reversed-trigger probe
     monkeypatch.setattr(reverse, "reverse_feature_triggers",
                         lambda *a, **k: dataclasses.replace(original(*a, **k), target=None, flagged=[]))
     pixel_original = reverse.reverse_triggers
     monkeypatch.setattr(reverse, "reverse_triggers",
                         lambda *a, **k: dataclasses.replace(pixel_original(*a, **k), target=None, flagged=[]))
-    alone = create_probe("suspects", case.model, units, fit, held, Options(**quick), seed=0)
-    assert alone.suspects == [("pixel", int(alone.reversed.mask_norms.argmin()))]
+    alone = create_probe("suspects", case.model, units, fit, held, Options(**one_layer), seed=0)
+    assert alone.suspects == [("pixel", int(alone.reversed.mask_norms.argmin()), None)]
     assert alone.target == alone.suspects[0][1]
+
+
+def test_suspects_probe_adds_large_pixel_masks_and_the_last_layer(backdoor_case, monkeypatch):
+    import dataclasses
+
+    import trojanprune.reverse as reverse
+    from trojanprune.defenses.onp import Options
+    from trojanprune.onp.probes import last_conv_layer
+
+    case = backdoor_case
+    x, y = case.clean.tensors()
+    fit, held = CleanData(x, y, 10).split(0.5, seed=0)
+    units = discover_units(case.model, x[:1])
+    quick = dict(reverse_steps=30, reverse_batch_size=4, feature_steps=30, feature_per_class=3)
+    last = last_conv_layer(units)
+    assert last == [g.name for g in units if g.kind == "conv"][-1]
+    # the pixel reverse: class 0 a small-mask outlier, class 7 a LARGE-mask one
+    norms = torch.tensor([2.0, 40, 41, 39, 42, 38, 40, 300, 41, 39])
+    pixel_original = reverse.reverse_triggers
+    monkeypatch.setattr(reverse, "reverse_triggers", lambda *a, **k: dataclasses.replace(
+        pixel_original(*a, **k), mask_norms=norms, target=0, flagged=[0]))
+    layers_seen = []
+    original = reverse.reverse_feature_triggers
+
+    def feature(*a, **k):  # the last layer flags class 4, the three-quarter one nothing
+        found = original(*a, **k)
+        layers_seen.append(found.layer)
+        flagged = [4] if found.layer == last else []
+        return dataclasses.replace(found, flagged=flagged, target=flagged[0] if flagged else None)
+
+    monkeypatch.setattr(reverse, "reverse_feature_triggers", feature)
+    p = create_probe("suspects", case.model, units, fit, held, Options(**quick), seed=0)
+    assert layers_seen[0] != last and layers_seen[1:] == [last]
+    assert p.suspects == [("pixel", 0, None), ("pixel", 7, None), ("feature", 4, last)]
+    assert p.large_masks == [7] and p.details()["large_mask_suspects"] == [7]
+    assert p.setup_evaluations == p.reversed.evaluations + sum(f.evaluations for f in p.feature_reverses)
+    assert "feature_reverse_last" in p.details() and json.dumps(p.details())
+    # each can be switched off; a user target gets its trigger at both layers
+    layers_seen.clear()
+    off = create_probe("suspects", case.model, units, fit, held,
+                       Options(suspect_large_masks=False, suspect_last_layer=False, **quick), seed=0)
+    assert off.suspects == [("pixel", 0, None)] and len(layers_seen) == 1
+    fixed = create_probe("suspects", case.model, units, fit, held, Options(target=2, **quick), seed=0)
+    assert fixed.suspects == [("pixel", 2, None), ("feature", 2, layers_seen[1]), ("feature", 2, last)]
 
 
 def test_unlearn_probe_runs_through_the_defense(backdoor_case):

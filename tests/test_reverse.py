@@ -10,7 +10,7 @@ from torch import nn
 
 from trojanprune import data, models
 from trojanprune.errors import ConfigError, DataError
-from trojanprune.reverse import (ReversedTriggers, anomaly_index, detect_outlier,
+from trojanprune.reverse import (ReversedTriggers, anomaly_index, detect_outlier, high_side_outliers,
                                  reverse_triggers, synthesize)
 from trojanprune.reverse.data import NO_BATCHNORM_WARNING
 
@@ -34,6 +34,15 @@ def test_only_small_norms_are_flagged():
     # the smallest of several flagged classes is the target
     found = detect_outlier(torch.tensor([5.0, 3.0, 50, 52, 48, 51, 49, 53, 47, 50]))
     assert found.flagged == [0, 1] and found.target == 1
+
+
+def test_high_side_outliers_are_only_the_large_norms():
+    norms = torch.tensor([5.0, 50, 52, 48, 300, 51, 49, 53, 47, 50])
+    assert high_side_outliers(norms) == [4]
+    assert detect_outlier(norms).flagged == [0]
+    assert high_side_outliers(torch.tensor([50.0, 56, 44, 53, 47, 58, 42, 50, 55, 45])) == []
+    with pytest.raises(ConfigError):
+        high_side_outliers(norms, threshold=-1)
 
 
 def test_detection_bad_input():

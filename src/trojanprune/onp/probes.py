@@ -44,10 +44,11 @@ Built in:
     Blended and SIG.
 ``auto``: both reverses; the feature-space probe when it flags a class the pixel-space reverse
     does not name, else the reversed-trigger probe (:class:`AutoProbe`).
-``suspects`` (default): both reverses, no vote: every class either of them flags is a suspect,
-    each with its own trigger, and the score is the mean of the suspects' scores, so the reward
-    decides which triggers a cheap pruning can disable (:class:`SuspectsProbe`). The only probe
-    that removes all four backdoors of the CIFAR-10 vgg_small zoo (BENCHMARKS.md).
+``suspects`` (default): both reverses (the feature one at two layers), no vote: every class
+    any of them flags is a suspect (pixel space: both sides of the median), each with its own
+    trigger, and the score is the mean of the suspects' scores, so the reward decides which
+    triggers a cheap pruning can disable (:class:`SuspectsProbe`). The only probe that removes
+    all four backdoors of the CIFAR-10 vgg_small zoo (BENCHMARKS.md).
 ``anp``: Signal: ``1 - m`` for ANP's optimized neuron masks ``m`` (Wu & Wang, NeurIPS 2021;
     :func:`trojanprune.defenses.neuron_perturbation.anp_mask_scores` on the fit half; low mask
     = sensitive to adversarial neuron perturbation = suspect). Score: the share of the excess
@@ -234,13 +235,15 @@ def pixel_reverse(model: nn.Module, fit: CleanData, options: Any, seed: int, pro
 
 
 def feature_reverse(model: nn.Module, units: Units, fit: CleanData, options: Any, seed: int,
-                    progress: bool):
-    """The feature-space reverse on ``feature_per_class`` fit images per class."""
+                    progress: bool, layer: str | None = None):
+    """The feature-space reverse on ``feature_per_class`` fit images per class, at ``layer``
+    (None: the ``feature_layer`` option, else the reverse's default layer)."""
     from ..reverse import reverse_feature_triggers
 
     x, y = per_class_subset(fit, int(getattr(options, "feature_per_class", 10)))
+    layer = getattr(options, "feature_layer", None) if layer is None else layer
     return reverse_feature_triggers(
-        model, units, x, y, fit.num_classes, layer=getattr(options, "feature_layer", None),
+        model, units, x, y, fit.num_classes, layer=layer,
         steps=int(getattr(options, "feature_steps", 300)),
         seed=derive_seed(seed, "onp-feature"), progress=progress)
 
@@ -417,39 +420,62 @@ class SuspectsProbe(Probe):
     wrong one on Blended and SIG), while the true target was always among the classes the two
     flag together. So this probe does not vote: it runs both reverses and keeps one trigger per
     flagged (space, class) pair: the pixel trigger of each class the MAD index flags in pixel
-    space, the feature trigger of each class it flags in feature space (neither flags anything:
-    the smallest pixel mask's class, as ``reversed-trigger``; a user ``target``: that class's
-    trigger in both spaces). Score: the MEAN of the suspects' scores (each as in its own probe),
+    space, low side (Neural Cleanse) or high side (``suspect_large_masks``: a class that only
+    an abnormally large patch reaches, as clean-label SIG's target on the CIFAR-10 zoo), the
+    feature trigger of each class it flags (low side) in feature space, at the three-quarter
+    layer and (``suspect_last_layer``) at the last conv group, where resnet20's WaNet target
+    shows and the three-quarter layer shows nothing (nothing flagged anywhere: the smallest
+    pixel mask's class, as ``reversed-trigger``; a user ``target``: that class's trigger in
+    every space and layer). Score: the MEAN of the suspects' scores (each as in its own probe),
     so the agent is paid for every trigger it disables; the max would hide the progress on the
     real trigger behind a false suspect that no cheap pruning disables. A false suspect's
     natural-feature trigger costs clean accuracy to disable, which the reward weighs. Signal:
     per channel, the largest value over the suspects of each of the two probes' signals
-    (4 columns; zero where a space has no suspect). Costs both reverses and one scoring pass
-    per suspect.
+    (4 columns; zero where a space has no suspect). Costs the three reverses and one scoring
+    pass per suspect.
     """
 
     name = "suspects"
     signal_names = ReversedTriggerProbe.signal_names + FeatureTriggerProbe.signal_names
 
     def __init__(self, model, units, fit, held, options, seed=0, progress=False):
+        from ..reverse import high_side_outliers
+        from ..reverse.feature import default_layer
+
         super().__init__(model, units, fit, held, options, seed, progress)
-        # Both reverses run once here; each suspect's probe reuses them.
+        # Every reverse runs once here; each suspect's probe reuses them.
         self.reversed = pixel_reverse(model, fit, options, seed, progress)
-        self.features = feature_reverse(model, units, fit, options, seed, progress)
-        self.setup_evaluations += self.reversed.evaluations + self.features.evaluations
+        first = getattr(options, "feature_layer", None) or default_layer(units)
+        layers = [first]
+        if getattr(options, "suspect_last_layer", True):
+            last = last_conv_layer(units)
+            if last != first:
+                layers.append(last)
+        self.feature_reverses = [feature_reverse(model, units, fit, options, seed, progress, layer)
+                                 for layer in layers]
+        self.features = self.feature_reverses[0]
+        self.setup_evaluations += self.reversed.evaluations + sum(
+            f.evaluations for f in self.feature_reverses)
+        self.large_masks = (high_side_outliers(self.reversed.mask_norms, self.reversed.threshold)
+                            if getattr(options, "suspect_large_masks", True) else [])
         user = self._user_target()
         if user is not None:
-            pixel_classes, feature_classes = [user], [user]
+            pixel_classes = [user]
+            feature_pairs = [(f, user) for f in self.feature_reverses]
         else:
-            pixel_classes, feature_classes = list(self.reversed.flagged), list(self.features.flagged)
-            if not pixel_classes and not feature_classes:
+            pixel_classes = list(self.reversed.flagged) + [c for c in self.large_masks
+                                                           if c not in self.reversed.flagged]
+            feature_pairs = [(f, c) for f in self.feature_reverses for c in f.flagged]
+            if not pixel_classes and not feature_pairs:
                 pixel_classes = [int(self.reversed.mask_norms.argmin())]
+        feature_classes = [c for _, c in feature_pairs]
         self.pixel = [ReversedTriggerProbe(model, units, fit, held, options, seed, progress,
                                            reversed_=self.reversed, target=c) for c in pixel_classes]
         self.feature = [FeatureTriggerProbe(model, units, fit, held, options, seed, progress,
-                                            features=self.features, target=c) for c in feature_classes]
+                                            features=f, target=c) for f, c in feature_pairs]
         self.parts: list[Probe] = self.pixel + self.feature
-        self.suspects = [("pixel", p.target) for p in self.pixel] + [("feature", p.target) for p in self.feature]
+        self.suspects = ([("pixel", p.target, None) for p in self.pixel]
+                         + [("feature", p.target, p.features.layer) for p in self.feature])
         # Reported target (informative; the score uses every suspect): the class both spaces
         # flag, or the only suspect class; None when the suspects are different classes.
         both = [c for c in dict.fromkeys(pixel_classes) if c in feature_classes]
@@ -477,9 +503,20 @@ class SuspectsProbe(Probe):
 
     def details(self) -> dict[str, Any]:
         return {"probe": self.name, "target": self.target,
-                "suspects": [{"space": space, "class": c} for space, c in self.suspects],
+                "suspects": [{"space": space, "class": c, **({"layer": layer} if layer else {})}
+                             for space, c, layer in self.suspects],
+                "large_mask_suspects": list(self.large_masks),
                 "score": "mean of the suspects' trigger scores",
-                "reverse": self.reversed.summary(), "feature_reverse": self.features.summary()}
+                "reverse": self.reversed.summary(), "feature_reverse": self.features.summary(),
+                **({"feature_reverse_last": self.feature_reverses[1].summary()}
+                   if len(self.feature_reverses) > 1 else {})}
+
+
+def last_conv_layer(units: Units) -> str:
+    """The conv group whose producing conv runs last (the features the classifier head reads,
+    or nearly); linear-only models: the last group."""
+    convs = [g for g in units if g.kind == "conv"] or list(units)
+    return max(convs, key=lambda g: g.depth).name
 
 
 def suspicion_weights(suspicion: torch.Tensor) -> torch.Tensor:
@@ -586,5 +623,6 @@ class UnlearnProbe(_MaskSuspicionProbe):
 
 __all__ = ["PROBES", "ANPProbe", "AutoProbe", "FeatureTriggerProbe", "Probe",
            "ReversedTriggerProbe", "SuspectsProbe", "UnlearnProbe", "feature_reverse",
-           "per_class_subset", "pixel_reverse", "activation_shift", "available_probes", "create_probe", "margin_taylor", "register_probe",
+           "per_class_subset", "pixel_reverse", "activation_shift", "available_probes", "create_probe",
+           "last_conv_layer", "margin_taylor", "register_probe",
            "suspicion_weights"]

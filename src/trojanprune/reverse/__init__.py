@@ -13,10 +13,11 @@ Shared by ShapPruning (its first three stages) and ONP (its default backdoor pro
 """
 
 from .data import SynthesizedData, synthesize
-from .detect import ANOMALY_THRESHOLD, Detection, anomaly_index, detect_outlier
+from .detect import ANOMALY_THRESHOLD, Detection, anomaly_index, detect_outlier, high_side_outliers
 from .feature import FeatureTriggers, reverse_feature_triggers
 from .trigger import ReversedTriggers, reverse_triggers
 
 __all__ = ["ANOMALY_THRESHOLD", "Detection", "FeatureTriggers", "ReversedTriggers",
-           "SynthesizedData", "anomaly_index", "detect_outlier", "reverse_feature_triggers",
+           "SynthesizedData", "anomaly_index", "detect_outlier", "high_side_outliers",
+           "reverse_feature_triggers",
            "reverse_triggers", "synthesize"]

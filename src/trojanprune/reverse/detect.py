@@ -63,4 +63,19 @@ def detect_outlier(norms: torch.Tensor, threshold: float = ANOMALY_THRESHOLD) ->
     return Detection(index, flagged, target, float(threshold))
 
 
-__all__ = ["ANOMALY_THRESHOLD", "Detection", "anomaly_index", "detect_outlier"]
+def high_side_outliers(norms: torch.Tensor, threshold: float = ANOMALY_THRESHOLD) -> list[int]:
+    """The classes whose norm is ABOVE the median with an anomaly index > ``threshold``.
+
+    Not part of Neural Cleanse's test (which never flags large norms) and never reported as a
+    detection; ONP's ``suspects`` probe uses it as a source of suspects (see
+    :class:`trojanprune.onp.probes.SuspectsProbe` for why).
+    """
+    if not threshold > 0:
+        raise ConfigError(f"the anomaly threshold must be positive, got {threshold}")
+    norms = torch.as_tensor(norms, dtype=torch.float64).flatten()
+    index = anomaly_index(norms)
+    median = norms.median()
+    return [k for k in range(len(norms)) if norms[k] > median and float(index[k]) > threshold]
+
+
+__all__ = ["ANOMALY_THRESHOLD", "Detection", "anomaly_index", "detect_outlier", "high_side_outliers"]
