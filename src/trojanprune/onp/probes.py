@@ -47,8 +47,8 @@ Built in:
 ``suspects`` (default): both reverses (the feature one at two layers), no vote: every class
     any of them flags is a suspect (pixel space: both sides of the median), each with its own
     trigger, and the score is the mean of the suspects' scores, so the reward decides which
-    triggers a cheap pruning can disable (:class:`SuspectsProbe`). The only probe that removes
-    all four backdoors of the CIFAR-10 vgg_small zoo (BENCHMARKS.md).
+    triggers a cheap pruning can disable (:class:`SuspectsProbe`). The only probe that brings
+    all four backdoors of the CIFAR-10 vgg_small zoo down (ASR 0-4.7%; BENCHMARKS.md).
 ``anp``: Signal: ``1 - m`` for ANP's optimized neuron masks ``m`` (Wu & Wang, NeurIPS 2021;
     :func:`trojanprune.defenses.neuron_perturbation.anp_mask_scores` on the fit half; low mask
     = sensitive to adversarial neuron perturbation = suspect). Score: the share of the excess
