@@ -186,9 +186,11 @@ def test_agent_learns_and_the_pruning_removes_the_backdoor(backdoor_case, onp_ru
     # the reward improves over episodes: the policy starts from the probe's signal, pruning
     # ~2% of the channels more or less at random, which often costs accuracy (and the penalty
     # beyond 2 points); it learns which channels carry the reversed trigger and which are
-    # needed. (Measured on seeds 0-3: the second half beats the first by 0.27 to 0.68.)
+    # needed. Measured on seeds 0-3 (benchmarks/onp_fixture_seeds.py): the second half beats
+    # the first by 0.12 to 0.32 with the stop-14 probe (0.27 to 0.68 before: the large-mask
+    # rule adds false suspects 1 and 7 on this MNIST model, whose scores hardly move).
     assert len(curve) == 8
-    assert sum(curve[4:]) / 4 > sum(curve[:4]) / 4 + 0.2, curve
+    assert sum(curve[4:]) / 4 > sum(curve[:4]) / 4 + 0.06, curve
     # the default probe suspects the real target (pixel space flags it), and the final pruning
     # cuts the TRUE trigger's ASR, which ONP never saw, while keeping accuracy
     assert d["probe"]["probe"] == "suspects" and {"space": "pixel", "class": 0} in d["probe"]["suspects"]

@@ -103,6 +103,9 @@ class Options:
         through a full-image backdoor (clean-label SIG: the target's own test accuracy is 0 on
         both CIFAR-10 zoo archs) needs an abnormally large patch; SIG's target had the largest
         mask on both archs (MAD index 5.4 and 8.7) and the low side flagged wrong classes.
+        Known weakness: a natural class a patch hardly reaches is flagged too (MNIST's 1 and 7
+        on the test fixture, where on one seed of four ONP then leaves the backdoor;
+        BENCHMARKS.md). Set False to drop this source.
     suspect_last_layer: suspects probe: a second feature-space reverse at the last conv group
         (by execution order of its conv), its flagged classes suspects too (True). Why: on the
         CIFAR-10 resnet20 WaNet model the three-quarter layer flags nothing, the last one flags
