@@ -37,10 +37,11 @@ Ours (the paper does not publish them):
   and in pixel space also the high side: a class a patch can hardly reach), and the score is
   the mean over the suspects of their trigger's success rate on the held-out images, counted
   with a 2-logit safety margin (a reversed trigger is weaker than the real one). No single
-  reverse is right on every attack of our zoo; the suspects cover them together. Other probes: one reverse alone (``"reversed-trigger"``, ``"feature-trigger"``),
-  a vote between them (``"auto"``), or ANP's or RNP's neuron masks (``"anp"`` /
-  ``"unlearn"``). If no class is flagged, the class with the smallest reversed pixel-space
-  mask is the presumed target (``target`` overrides it);
+  reverse is right on every attack of our zoo; the suspects cover them together. Other
+  probes: one reverse alone (``"reversed-trigger"``, ``"feature-trigger"``), a vote between
+  them (``"auto"``), or ANP's or RNP's neuron masks (``"anp"`` / ``"unlearn"``). If no class
+  is flagged, the class with the smallest reversed pixel-space mask is the presumed target
+  (``target`` overrides it);
 - the final choice: among every pruning the agent tried, the trained policy's greedy pruning
   and its top-k prunings (k up to ``max_prune_fraction`` of the channels), the one with the
   highest reward whose held-out clean accuracy is within ``acc_tolerance`` of the unpruned
