@@ -478,8 +478,11 @@ class SuspectsProbe(Probe):
                          + [("feature", p.target, p.features.layer) for p in self.feature])
         # Reported target (informative; the score uses every suspect): the class both spaces
         # flag, or the only suspect class; None when the suspects are different classes.
-        both = [c for c in dict.fromkeys(pixel_classes) if c in feature_classes]
-        classes = set(pixel_classes) | set(feature_classes)
+        # Large-mask suspects are weaker evidence (a naturally hard class is one too), so they
+        # do not count here unless nothing else is suspected.
+        small = [c for c in pixel_classes if c not in self.large_masks] or pixel_classes
+        both = [c for c in dict.fromkeys(small) if c in feature_classes]
+        classes = set(small) | set(feature_classes)
         self.target = both[0] if both else (classes.pop() if len(classes) == 1 else None)
         self.images = {f"{name}_class{p.target}": image for p in self.pixel
                        for name, image in p.images.items()}
