@@ -422,7 +422,7 @@ def test_suspects_probe_adds_large_pixel_masks_and_the_last_layer(backdoor_case,
 
     import trojanprune.reverse as reverse
     from trojanprune.defenses.onp import Options
-    from trojanprune.onp.probes import last_conv_layer
+    from trojanprune.reverse.feature import last_conv_layer
 
     case = backdoor_case
     x, y = case.clean.tensors()

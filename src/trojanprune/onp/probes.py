@@ -440,7 +440,7 @@ class SuspectsProbe(Probe):
 
     def __init__(self, model, units, fit, held, options, seed=0, progress=False):
         from ..reverse import high_side_outliers
-        from ..reverse.feature import default_layer
+        from ..reverse.feature import default_layer, last_conv_layer
 
         super().__init__(model, units, fit, held, options, seed, progress)
         # Every reverse runs once here; each suspect's probe reuses them.
@@ -513,13 +513,6 @@ class SuspectsProbe(Probe):
                 "reverse": self.reversed.summary(), "feature_reverse": self.features.summary(),
                 **({"feature_reverse_last": self.feature_reverses[1].summary()}
                    if len(self.feature_reverses) > 1 else {})}
-
-
-def last_conv_layer(units: Units) -> str:
-    """The conv group whose producing conv runs last (the features the classifier head reads,
-    or nearly); linear-only models: the last group."""
-    convs = [g for g in units if g.kind == "conv"] or list(units)
-    return max(convs, key=lambda g: g.depth).name
 
 
 def suspicion_weights(suspicion: torch.Tensor) -> torch.Tensor:
@@ -627,5 +620,5 @@ class UnlearnProbe(_MaskSuspicionProbe):
 __all__ = ["PROBES", "ANPProbe", "AutoProbe", "FeatureTriggerProbe", "Probe",
            "ReversedTriggerProbe", "SuspectsProbe", "UnlearnProbe", "feature_reverse",
            "per_class_subset", "pixel_reverse", "activation_shift", "available_probes", "create_probe",
-           "last_conv_layer", "margin_taylor", "register_probe",
+           "margin_taylor", "register_probe",
            "suspicion_weights"]

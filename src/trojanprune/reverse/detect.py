@@ -51,14 +51,22 @@ class Detection:
         return "backdoor detected" if self.target is not None else "no backdoor detected"
 
 
-def detect_outlier(norms: torch.Tensor, threshold: float = ANOMALY_THRESHOLD) -> Detection:
-    """Flag the classes whose norm is a low-side MAD outlier (index > ``threshold``)."""
+def _outliers(norms: torch.Tensor, threshold: float, side: str) -> tuple[torch.Tensor, list[int]]:
+    """(anomaly index, classes whose norm is on ``side`` ("low"/"high") of the median with an
+    index > ``threshold``)."""
     if not threshold > 0:
         raise ConfigError(f"the anomaly threshold must be positive, got {threshold}")
     norms = torch.as_tensor(norms, dtype=torch.float64).flatten()
     index = anomaly_index(norms)
     median = norms.median()
-    flagged = [k for k in range(len(norms)) if norms[k] < median and float(index[k]) > threshold]
+    beyond = norms < median if side == "low" else norms > median
+    return index, [k for k in range(len(norms)) if bool(beyond[k]) and float(index[k]) > threshold]
+
+
+def detect_outlier(norms: torch.Tensor, threshold: float = ANOMALY_THRESHOLD) -> Detection:
+    """Flag the classes whose norm is a low-side MAD outlier (index > ``threshold``)."""
+    index, flagged = _outliers(norms, threshold, "low")
+    norms = torch.as_tensor(norms, dtype=torch.float64).flatten()
     target = min(flagged, key=lambda k: float(norms[k])) if flagged else None
     return Detection(index, flagged, target, float(threshold))
 
@@ -70,12 +78,7 @@ def high_side_outliers(norms: torch.Tensor, threshold: float = ANOMALY_THRESHOLD
     detection; ONP's ``suspects`` probe uses it as a source of suspects (see
     :class:`trojanprune.onp.probes.SuspectsProbe` for why).
     """
-    if not threshold > 0:
-        raise ConfigError(f"the anomaly threshold must be positive, got {threshold}")
-    norms = torch.as_tensor(norms, dtype=torch.float64).flatten()
-    index = anomaly_index(norms)
-    median = norms.median()
-    return [k for k in range(len(norms)) if norms[k] > median and float(index[k]) > threshold]
+    return _outliers(norms, threshold, "high")[1]
 
 
 __all__ = ["ANOMALY_THRESHOLD", "Detection", "anomaly_index", "detect_outlier", "high_side_outliers"]

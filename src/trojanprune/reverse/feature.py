@@ -128,11 +128,22 @@ def writer(masks: torch.Tensor, values: torch.Tensor, dim: int, rectify: bool, c
     return fn
 
 
+def _conv_groups(units: Units) -> list:
+    """The conv unit groups in execution order; linear-only models: every group."""
+    return [g for g in units if g.kind == "conv"] or list(units)
+
+
 def default_layer(units: Units) -> str:
     """The conv group three quarters of the way through (execution order); linear-only
     models: the first linear group."""
-    convs = [g for g in units if g.kind == "conv"] or list(units)
+    convs = _conv_groups(units)
     return convs[min(len(convs) - 1, round(0.75 * (len(convs) - 1)))].name
+
+
+def last_conv_layer(units: Units) -> str:
+    """The conv group whose producing conv runs last (the features the classifier head reads,
+    or nearly); linear-only models: the last group."""
+    return max(_conv_groups(units), key=lambda g: g.depth).name
 
 
 def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y: torch.Tensor,
@@ -223,4 +234,5 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
                            rectify=rectify)
 
 
-__all__ = ["FeatureTriggers", "default_layer", "reverse_feature_triggers", "write", "writer"]
+__all__ = ["FeatureTriggers", "default_layer", "last_conv_layer", "reverse_feature_triggers", "write",
+           "writer"]
