@@ -20,13 +20,10 @@ from pathlib import Path
 
 import torch
 
-from trojanprune import data
-from trojanprune.defenses.base import CleanData
+from onp_inputs import onp_inputs
 from trojanprune.defenses.onp import Options
-from trojanprune.engine import discover_units
 from trojanprune.onp.probes import per_class_subset
 from trojanprune.reverse import reverse_feature_triggers
-from trojanprune.runs import load_run
 from trojanprune.utils import derive_seed
 
 
@@ -41,19 +38,12 @@ def main():
     torch.set_num_threads(args.threads)
     options = Options()
     for path in args.runs:
-        run = load_run(path)
-        train = data.load_dataset(run.record["dataset"]["name"], "train")
-        x, y = data.clean_subset(train, n=args.clean, seed=args.seed).tensors()
-        x = x.float() / 255 if x.dtype == torch.uint8 else x
-        fit, _ = CleanData(x, y, train.num_classes).split(
-            options.holdout, seed=derive_seed(args.seed, "onp-holdout"))
-        model = run.model.eval()
-        units = discover_units(model, x[:1])
-        fx, fy = per_class_subset(fit, options.feature_per_class)
-        true = int(run.record["attack"]["target"])
+        case = onp_inputs(path, options, clean=args.clean, seed=args.seed)
+        units, true = case.units, case.true_target
+        fx, fy = per_class_subset(case.fit, options.feature_per_class)
         for layer in [g.name for g in units if g.name in args.layers]:
             start = time.perf_counter()
-            found = reverse_feature_triggers(model, units, fx, fy, train.num_classes, layer=layer,
+            found = reverse_feature_triggers(case.model, units, fx, fy, case.num_classes, layer=layer,
                                              steps=options.feature_steps,
                                              seed=derive_seed(args.seed, "onp-feature"))
             norms = found.mask_norms

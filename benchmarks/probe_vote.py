@@ -17,15 +17,10 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
 
-from trojanprune import data
-from trojanprune.defenses.base import CleanData
+from onp_inputs import onp_inputs
 from trojanprune.defenses.onp import Options
-from trojanprune.engine import discover_units
 from trojanprune.onp.probes import create_probe
-from trojanprune.runs import load_run
-from trojanprune.utils import derive_seed
 
 
 def main():
@@ -38,21 +33,14 @@ def main():
     args = ap.parse_args()
     rows = []
     for path in args.runs:
-        run = load_run(path)
-        train = data.load_dataset(run.record["dataset"]["name"], "train", data_dir=args.data_dir)
-        x, y = data.clean_subset(train, n=args.clean, seed=args.seed).tensors()
-        x = x.float() / 255 if x.dtype == torch.uint8 else x
-        clean = CleanData(x, y, train.num_classes)
         options = Options(probe="auto")
-        fit, held = clean.split(options.holdout, seed=derive_seed(args.seed, "onp-holdout"))
-        model = run.model.eval()
-        units = discover_units(model, x[:1])
+        case = onp_inputs(path, options, clean=args.clean, seed=args.seed, data_dir=args.data_dir)
         start = time.perf_counter()
-        probe = create_probe("auto", model, units, fit, held, options, seed=args.seed)
+        probe = create_probe("auto", case.model, case.units, case.fit, case.held, options, seed=args.seed)
         seconds = time.perf_counter() - start
         pixel = probe.parts[0].reversed
         feature = probe.parts[1].features
-        true = run.record["attack"]["target"]
+        true = case.true_target
 
         def verdict(rev):
             flagged = rev.target

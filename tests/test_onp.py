@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 import trojanprune as tp
 from trojanprune import models
@@ -20,10 +19,8 @@ from trojanprune.metrics import evaluate
 from trojanprune.onp.graphs import (GraphBuildError, build_graphs, channel_weights,
                                     cosine_similarity_matrix)
 from trojanprune.onp.probes import PROBES, FeatureTriggerProbe, Probe, create_probe, register_probe
+from trojanprune.testing import ONP_FIXTURE_OPTIONS
 
-# A shorter trigger reverse than Neural Cleanse's 300 steps x 32 images per class keeps this
-# file fast; on the fixture it still flags the real target (class 0).
-FAST_REVERSE = dict(reverse_steps=150, reverse_batch_size=8, feature_steps=150, feature_per_class=5)
 
 
 def _state(model):
@@ -171,7 +168,7 @@ def onp_run(backdoor_case):
     """ONP as shipped, with fewer episodes (128 instead of 192) and a shorter trigger reverse."""
     case = backdoor_case
     state = _state(case.model)
-    result = tp.repair(case.model, case.clean, method="onp", seed=0, episodes=128, **FAST_REVERSE)
+    result = tp.repair(case.model, case.clean, method="onp", seed=0, **ONP_FIXTURE_OPTIONS)
     return result, state
 
 

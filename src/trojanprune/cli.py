@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from . import attacks as attacks_mod
-from . import models as models_mod
 from .errors import ConfigError, TrojanPruneError
-from .progress import console, log
+from .progress import log
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Remove backdoors from trained image classifiers by pruning.")

@@ -14,7 +14,7 @@ from .engine import discover_units
 from .errors import ConfigError
 from .progress import log
 from .repair import repair
-from .runs import contiguous_state, save_run
+from .runs import save_run
 from .sources import ModelSource
 
 
