@@ -432,7 +432,8 @@ def test_suspects_probe_adds_large_pixel_masks_and_the_last_layer(backdoor_case,
     norms = torch.tensor([2.0, 40, 41, 39, 42, 38, 40, 300, 41, 39])
     pixel_original = reverse.reverse_triggers
     monkeypatch.setattr(reverse, "reverse_triggers", lambda *a, **k: dataclasses.replace(
-        pixel_original(*a, **k), mask_norms=norms, target=0, flagged=[0]))
+        pixel_original(*a, **k), mask_norms=norms, anomaly_index=reverse.anomaly_index(norms),
+        target=0, flagged=[0]))
     layers_seen = []
     original = reverse.reverse_feature_triggers
 
@@ -456,6 +457,28 @@ def test_suspects_probe_adds_large_pixel_masks_and_the_last_layer(backdoor_case,
     assert off.suspects == [("pixel", 0, None)] and len(layers_seen) == 1
     fixed = create_probe("suspects", case.model, units, fit, held, Options(target=2, **quick), seed=0)
     assert fixed.suspects == [("pixel", 2, None), ("feature", 2, layers_seen[1]), ("feature", 2, last)]
+
+    # suspect_weights="anomaly": each suspect weighs its anomaly index; the score is the
+    # weighted mean of the parts' scores (a user target keeps equal weights)
+    weighted = create_probe("suspects", case.model, units, fit, held,
+                            Options(suspect_weights="anomaly", **quick), seed=0)
+    index = torch.tensor([float(weighted.reversed.anomaly_index[0]), float(weighted.reversed.anomaly_index[7]),
+                          float(weighted.feature_reverses[1].anomaly_index[4])])
+    assert torch.allclose(weighted.weights, index / index.sum())
+    assert weighted.weights[1] > weighted.weights[0]  # the 300-norm mask is the larger outlier
+    masks = torch.ones(3, units.total)
+    masks[1, :5] = 0
+    masks[2, ::3] = 0
+    parts = torch.stack([q.score(masks).float() for q in weighted.parts])
+    assert torch.allclose(weighted.score(masks), (weighted.weights[:, None] * parts).sum(0))
+    assert [s["weight"] for s in weighted.details()["suspects"]] == [round(float(w), 4) for w in weighted.weights]
+    assert torch.allclose(p.weights, torch.full((3,), 1 / 3))
+    assert torch.allclose(p.score(masks), parts.mean(0))
+    fixed_weighted = create_probe("suspects", case.model, units, fit, held,
+                                  Options(target=2, suspect_weights="anomaly", **quick), seed=0)
+    assert torch.allclose(fixed_weighted.weights, torch.full((3,), 1 / 3))
+    with pytest.raises(ConfigError, match="suspect_weights must be one of equal, anomaly"):
+        Options(suspect_weights="max")
 
 
 def test_unlearn_probe_runs_through_the_defense(backdoor_case):

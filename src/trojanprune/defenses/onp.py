@@ -112,6 +112,11 @@ class Options:
         CIFAR-10 resnet20 WaNet model the three-quarter layer flags nothing, the last one flags
         the target (index 26.6) and two other classes. Both suspect sources stem from the
         resnet20 zoo's failures (BENCHMARKS.md); they add suspects, none is removed.
+    suspect_weights: suspects probe: how the suspects' trigger scores are averaged: "equal"
+        (default, the plain mean) or "anomaly" (weighted by each suspect's MAD anomaly index in
+        its own reverse; a user ``target`` or the no-flag fallback keeps equal weights). Why
+        "anomaly" exists: on vgg_small BadNets a last-layer false suspect (class 8, index 2.04)
+        weighs as much as the target's triggers (indices 4.7-32.7) in the plain mean.
     anp_eps, anp_iterations: ANP probe (ANP's 0.4 and 2000).
     unlearn_lr, unlearn_threshold, unlearn_epochs, recover_epochs: unlearn probe (RNP's 0.01,
         0.2, 20, 20).
@@ -171,6 +176,7 @@ class Options:
     feature_layer: Any = None
     suspect_large_masks: bool = True
     suspect_last_layer: bool = True
+    suspect_weights: str = "equal"
     anp_eps: float = 0.4
     anp_iterations: int = 2000
     unlearn_lr: float = 0.01
@@ -204,7 +210,7 @@ class Options:
     def __post_init__(self):
         from ..onp.agent import CONVS, ENCODERS
         from ..onp.graphs import EDGE_RULES
-        from ..onp.probes import available_probes
+        from ..onp.probes import SUSPECT_WEIGHTS, available_probes
 
         self.target = _optional_int(self.target, "target")
         self.reverse_steps = _optional_int(self.reverse_steps, "reverse_steps")
@@ -212,6 +218,9 @@ class Options:
         for name in ("confirm_on_all", "suspect_large_masks", "suspect_last_layer"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.suspect_weights not in SUSPECT_WEIGHTS:
+            raise ConfigError(f"suspect_weights must be one of {', '.join(SUSPECT_WEIGHTS)}; "
+                              f"got {self.suspect_weights!r}")
         if self.probe not in available_probes():
             raise ConfigError(f"unknown probe {self.probe!r}; probes: {', '.join(available_probes())}")
         if isinstance(self.episodes, bool) or not isinstance(self.episodes, int) or self.episodes < 1:

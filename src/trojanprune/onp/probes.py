@@ -84,6 +84,9 @@ from ..registry import Registry
 from ..utils import derive_seed
 from .graphs import channel_activations
 
+#: how the ``suspects`` probe averages its suspects' scores (Options.suspect_weights)
+SUSPECT_WEIGHTS = ("equal", "anomaly")
+
 PROBES: Registry = Registry("probe")
 
 
@@ -428,7 +431,10 @@ class SuspectsProbe(Probe):
     pixel mask's class, as ``reversed-trigger``; a user ``target``: that class's trigger in
     every space and layer). Score: the MEAN of the suspects' scores (each as in its own probe),
     so the agent is paid for every trigger it disables; the max would hide the progress on the
-    real trigger behind a false suspect that no cheap pruning disables. A false suspect's
+    real trigger behind a false suspect that no cheap pruning disables. With
+    ``suspect_weights="anomaly"`` the mean is weighted by each suspect's MAD anomaly index in
+    its own reverse, so a marginal false suspect (index just above 2) does not dilute a strong
+    one (index 8-30 on the zoo's targets). A false suspect's
     natural-feature trigger costs clean accuracy to disable, which the reward weighs. Signal:
     per channel, the largest value over the suspects of each of the two probes' signals
     (4 columns; zero where a space has no suspect). Costs the three reverses and one scoring
@@ -476,6 +482,14 @@ class SuspectsProbe(Probe):
         self.parts: list[Probe] = self.pixel + self.feature
         self.suspects = ([("pixel", p.target, None) for p in self.pixel]
                          + [("feature", p.target, p.features.layer) for p in self.feature])
+        # Each suspect's evidence: its MAD anomaly index in its own reverse. Equal weights when
+        # the suspects were not chosen by the index (a user target, or the fallback class).
+        evidence = ([float(self.reversed.anomaly_index[c]) for c in pixel_classes]
+                    + [float(f.anomaly_index[c]) for f, c in feature_pairs])
+        by_index = (getattr(options, "suspect_weights", SUSPECT_WEIGHTS[0]) == "anomaly" and user is None
+                    and (self.reversed.flagged or self.large_masks or feature_pairs))
+        weights = torch.tensor(evidence if by_index else [1.0] * len(self.parts))
+        self.weights = weights / weights.sum()
         # Reported target (informative; the score uses every suspect): the class both spaces
         # flag, or the only suspect class; None when the suspects are different classes.
         # Large-mask suspects are weaker evidence (a naturally hard class is one too), so they
@@ -502,14 +516,16 @@ class SuspectsProbe(Probe):
         return self._signal
 
     def score(self, masks: torch.Tensor) -> torch.Tensor:
-        return torch.stack([p.score(masks).float().cpu() for p in self.parts]).mean(0)
+        scores = torch.stack([p.score(masks).float().cpu() for p in self.parts])
+        return (self.weights[:, None] * scores).sum(0)
 
     def details(self) -> dict[str, Any]:
         return {"probe": self.name, "target": self.target,
-                "suspects": [{"space": space, "class": c, **({"layer": layer} if layer else {})}
-                             for space, c, layer in self.suspects],
+                "suspects": [{"space": space, "class": c, "weight": round(float(w), 4),
+                              **({"layer": layer} if layer else {})}
+                             for (space, c, layer), w in zip(self.suspects, self.weights)],
                 "large_mask_suspects": list(self.large_masks),
-                "score": "mean of the suspects' trigger scores",
+                "score": "weighted mean of the suspects' trigger scores",
                 "reverse": self.reversed.summary(), "feature_reverse": self.features.summary(),
                 **({"feature_reverse_last": self.feature_reverses[1].summary()}
                    if len(self.feature_reverses) > 1 else {})}
