@@ -444,11 +444,19 @@ def test_suspects_probe_adds_large_pixel_masks_and_the_last_layer(backdoor_case,
         return dataclasses.replace(found, flagged=flagged, target=flagged[0] if flagged else None)
 
     monkeypatch.setattr(reverse, "reverse_feature_triggers", feature)
-    p = create_probe("suspects", case.model, units, fit, held, Options(**quick), seed=0)
+    # the model still recognises its clean 7s, so the large mask alone makes no suspect ...
+    recognised = create_probe("suspects", case.model, units, fit, held, Options(**quick), seed=0)
+    accuracy = recognised.details()["fit_class_accuracy"]
+    assert accuracy[7] > 0.5 * sorted(accuracy)[4] and recognised.large_masks == []
+    assert recognised.suspects == [("pixel", 0, None), ("feature", 4, last)]
+    # ... below the accuracy bar (here raised above every class) it does
+    layers_seen.clear()
+    p = create_probe("suspects", case.model, units, fit, held,
+                     Options(large_mask_accuracy_ratio=2.0, **quick), seed=0)
     assert layers_seen[0] != last and layers_seen[1:] == [last]
     assert p.suspects == [("pixel", 0, None), ("pixel", 7, None), ("feature", 4, last)]
     assert p.large_masks == [7] and p.details()["large_mask_suspects"] == [7]
-    assert p.setup_evaluations == p.reversed.evaluations + sum(f.evaluations for f in p.feature_reverses)
+    assert p.setup_evaluations == 1 + p.reversed.evaluations + sum(f.evaluations for f in p.feature_reverses)
     assert "feature_reverse_last" in p.details() and json.dumps(p.details())
     # each can be switched off; a user target gets its trigger at both layers
     layers_seen.clear()
@@ -461,7 +469,8 @@ def test_suspects_probe_adds_large_pixel_masks_and_the_last_layer(backdoor_case,
     # suspect_weights="anomaly": each suspect weighs its anomaly index; the score is the
     # weighted mean of the parts' scores (a user target keeps equal weights)
     weighted = create_probe("suspects", case.model, units, fit, held,
-                            Options(suspect_weights="anomaly", **quick), seed=0)
+                            Options(suspect_weights="anomaly", large_mask_accuracy_ratio=2.0, **quick),
+                            seed=0)
     index = torch.tensor([float(weighted.reversed.anomaly_index[0]), float(weighted.reversed.anomaly_index[7]),
                           float(weighted.feature_reverses[1].anomaly_index[4])])
     assert torch.allclose(weighted.weights, index / index.sum())
