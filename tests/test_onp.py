@@ -23,6 +23,20 @@ from trojanprune.testing import ONP_FIXTURE_OPTIONS
 
 
 
+def _report_flags(monkeypatch, reverse_name: str, classes: list[int]) -> None:
+    """Make ``trojanprune.reverse.<reverse_name>`` report ``classes`` as its MAD flags (target:
+    the first), the rest of its result real. Which classes a short reverse flags on the fixture
+    is borderline and moves with the CPU's floating point; these tests are about what the probes
+    do with the flags, so they fix them."""
+    import dataclasses
+
+    import trojanprune.reverse as reverse
+
+    original = getattr(reverse, reverse_name)
+    monkeypatch.setattr(reverse, reverse_name, lambda *a, **k: dataclasses.replace(
+        original(*a, **k), flagged=list(classes), target=classes[0] if classes else None))
+
+
 def _state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -183,14 +197,15 @@ def test_agent_learns_and_the_pruning_removes_the_backdoor(backdoor_case, onp_ru
     # the reward improves over episodes: the policy starts from the probe's signal, pruning
     # ~2% of the channels more or less at random, which often costs accuracy (and the penalty
     # beyond 2 points); it learns which channels carry the reversed trigger and which are
-    # needed. Measured on seeds 0-3 (benchmarks/onp_fixture_seeds.py): the second half beats
-    # the first by 0.12 to 0.32 with the stop-14 probe (0.27 to 0.68 before: the large-mask
-    # rule adds false suspects 1 and 7 on this MNIST model, whose scores hardly move).
+    # needed. Measured on seeds 0-3 (benchmarks/onp_fixture_seeds.py, two machines): seed 0's
+    # second half beats the first by 0.12-0.17 with the stop-14 probe and 0.51 with the stop-15
+    # one; across seeds 0.03-0.51 (seed 2, whose suspects include a false flag, 8, gains least).
     assert len(curve) == 8
     assert sum(curve[4:]) / 4 > sum(curve[:4]) / 4 + 0.06, curve
     # the default probe suspects the real target (pixel space flags it), and the final pruning
     # cuts the TRUE trigger's ASR, which ONP never saw, while keeping accuracy
-    assert d["probe"]["probe"] == "suspects" and {"space": "pixel", "class": 0} in d["probe"]["suspects"]
+    assert d["probe"]["probe"] == "suspects"
+    assert any(s["space"] == "pixel" and s["class"] == 0 for s in d["probe"]["suspects"])
     assert result.target == 0
     assert after["asr"] < 20, after
     assert case.before["acc"] - after["acc"] < 4, after
@@ -270,9 +285,7 @@ def test_same_seed_same_pruning(backdoor_case):
 # -- the probes ----------------------------------------------------------------------------------
 
 def test_reversed_trigger_probe_score_target_and_fallback(backdoor_case, monkeypatch):
-    import dataclasses
 
-    import trojanprune.reverse as reverse
     from trojanprune.defenses.onp import Options
 
     case = backdoor_case
@@ -296,9 +309,7 @@ def test_reversed_trigger_probe_score_target_and_fallback(backdoor_case, monkeyp
     assert strict.evaluations >= strict.reversed.evaluations + 3 * 1
     assert strict.signal().shape == (units.total, 2)
     # no class flagged: the smallest reversed mask is the presumed target; the user may fix it
-    original = reverse.reverse_triggers
-    monkeypatch.setattr(reverse, "reverse_triggers",
-                        lambda *a, **k: dataclasses.replace(original(*a, **k), target=None, flagged=[]))
+    _report_flags(monkeypatch, "reverse_triggers", [])
     fallback = create_probe("reversed-trigger", case.model, units, fit, held, Options(**quick), seed=0)
     assert fallback.target == int(fallback.reversed.mask_norms.argmin())
     assert "smallest reversed mask" in fallback.details()["target_source"]
@@ -330,9 +341,7 @@ def test_other_probes_give_signals_and_scores(backdoor_case, probe, opts):
 
 
 def test_auto_probe_follows_the_feature_reverse_only_when_it_disagrees(backdoor_case, monkeypatch):
-    import dataclasses
 
-    import trojanprune.reverse as reverse
     from trojanprune.defenses.onp import Options
 
     case = backdoor_case
@@ -341,16 +350,16 @@ def test_auto_probe_follows_the_feature_reverse_only_when_it_disagrees(backdoor_
     units = discover_units(case.model, x[:1])
     quick = dict(probe="auto", reverse_steps=60, reverse_batch_size=4, feature_steps=60,
                  feature_per_class=5)
+    # the pixel reverse flags the true target, the feature-space one nothing: the pixel probe is kept
+    _report_flags(monkeypatch, "reverse_triggers", [0])
+    _report_flags(monkeypatch, "reverse_feature_triggers", [])
     agree = create_probe("auto", case.model, units, fit, held, Options(**quick), seed=0)
-    # on this model the feature-space reverse flags nothing: the pixel-space probe is kept
     assert agree.vote["pixel_target"] == 0 and agree.vote["chosen"] == "reversed-trigger"
     assert agree.target == 0 and agree.signal_names == ("trigger_act_shift", "trigger_taylor")
     assert agree.evaluations == sum(p.evaluations for p in agree.parts) and len(agree.parts) == 2
     # a feature-space flag that disagrees with the pixel-space target (as on WaNet and SIG,
     # where the pixel reverse flags a wrong class) is followed
-    original = reverse.reverse_feature_triggers
-    monkeypatch.setattr(reverse, "reverse_feature_triggers",
-                        lambda *a, **k: dataclasses.replace(original(*a, **k), target=3, flagged=[3]))
+    _report_flags(monkeypatch, "reverse_feature_triggers", [3])
     overruled = create_probe("auto", case.model, units, fit, held, Options(**quick), seed=0)
     assert overruled.vote == {"pixel_target": 0, "pixel_flagged": True, "feature_target": 3,
                               "chosen": "feature-trigger"}
@@ -366,9 +375,7 @@ def test_auto_probe_follows_the_feature_reverse_only_when_it_disagrees(backdoor_
 
 
 def test_suspects_probe_scores_every_flagged_trigger(backdoor_case, monkeypatch):
-    import dataclasses
 
-    import trojanprune.reverse as reverse
     from trojanprune.defenses.onp import Options
 
     case = backdoor_case
@@ -377,24 +384,33 @@ def test_suspects_probe_scores_every_flagged_trigger(backdoor_case, monkeypatch)
     units = discover_units(case.model, x[:1])
     quick = dict(probe="suspects", reverse_steps=60, reverse_batch_size=4, feature_steps=60,
                  feature_per_class=5)
-    original = reverse.reverse_feature_triggers
-    monkeypatch.setattr(reverse, "reverse_feature_triggers",
-                        lambda *a, **k: dataclasses.replace(original(*a, **k), target=3, flagged=[3]))
+    _report_flags(monkeypatch, "reverse_triggers", [0])
+    _report_flags(monkeypatch, "reverse_feature_triggers", [3])
     one_layer = dict(quick, suspect_large_masks=False, suspect_last_layer=False)
     p = create_probe("suspects", case.model, units, fit, held, Options(**one_layer), seed=0)
     # the pixel reverse flags the true target 0; the (forced) feature flag 3 joins it, no vote
     layer = p.features.layer
     assert p.suspects == [("pixel", 0, None), ("feature", 3, layer)] and p.target is None
     assert p.signal().shape == (units.total, 4) and torch.isfinite(p.signal()).all()
-    keep = torch.ones(3, units.total)
-    keep[1] = 1 - (p.signal()[:, 2] > 0.3).float()  # prune the feature trigger's channels only
-    keep[2, p.signal()[:, 1].argsort(descending=True)[:30]] = 0  # and the pixel trigger's top channels
+    # prune the feature trigger's top channels (1, 2, ... 40 of them, one mask each) and the
+    # pixel trigger's top 30
+    feature_order = p.signal()[:, 2].argsort(descending=True)
+    keep = torch.ones(41, units.total)
+    for k in range(1, 41):
+        keep[k, feature_order[:k]] = 0
+    pixel_pruned = torch.ones(1, units.total)
+    pixel_pruned[0, p.signal()[:, 1].argsort(descending=True)[:30]] = 0
     parts = torch.stack([q.score(keep).cpu() for q in p.parts])
     assert torch.allclose(p.score(keep), parts.mean(0))
-    # disabling one suspect lowers the score by that suspect's share and leaves the other's
     assert float(parts[0, 0]) > 0.9 and float(parts[1, 0]) > 0.9
-    assert float(parts[1, 1]) < float(parts[1, 0]) - 0.5 and float(parts[0, 1]) > 0.9
-    assert float(p.score(keep)[1]) < float(p.score(keep)[0])
+    # disabling one suspect lowers the score by that suspect's share and leaves the other's:
+    # the fewest feature channels that stop the feature trigger leave the pixel trigger working
+    disabled = (parts[1] < 0.5).nonzero().flatten()
+    assert len(disabled) > 0, parts[1]
+    k = int(disabled[0])
+    assert float(parts[0, k]) > 0.9 and float(p.score(keep)[k]) < float(p.score(keep)[0])
+    pixel_parts = [float(q.score(pixel_pruned)[0]) for q in p.parts]
+    assert pixel_parts[0] < float(parts[0, 0]) - 0.5, pixel_parts
     # both reverses are counted once, with every scoring pass
     assert p.setup_evaluations == p.reversed.evaluations + p.features.evaluations
     assert p.evaluations == p.setup_evaluations + sum(q.evaluations for q in p.parts)
@@ -404,11 +420,8 @@ def test_suspects_probe_scores_every_flagged_trigger(backdoor_case, monkeypatch)
     fixed = create_probe("suspects", case.model, units, fit, held, Options(target=5, **one_layer), seed=0)
     assert fixed.suspects == [("pixel", 5, None), ("feature", 5, layer)] and fixed.target == 5
     # nothing flagged anywhere: the smallest pixel mask, as the reversed-trigger probe
-    monkeypatch.setattr(reverse, "reverse_feature_triggers",
-                        lambda *a, **k: dataclasses.replace(original(*a, **k), target=None, flagged=[]))
-    pixel_original = reverse.reverse_triggers
-    monkeypatch.setattr(reverse, "reverse_triggers",
-                        lambda *a, **k: dataclasses.replace(pixel_original(*a, **k), target=None, flagged=[]))
+    _report_flags(monkeypatch, "reverse_feature_triggers", [])
+    _report_flags(monkeypatch, "reverse_triggers", [])
     alone = create_probe("suspects", case.model, units, fit, held, Options(**one_layer), seed=0)
     assert alone.suspects == [("pixel", int(alone.reversed.mask_norms.argmin()), None)]
     assert alone.target == alone.suspects[0][1]

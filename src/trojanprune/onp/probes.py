@@ -464,6 +464,7 @@ class SuspectsProbe(Probe):
         self.features = self.feature_reverses[0]
         self.setup_evaluations += self.reversed.evaluations + sum(
             f.evaluations for f in self.feature_reverses)
+        self.class_accuracy: torch.Tensor | None = None  # on the fit images, when a large mask needs it
         self.large_masks = (self._unrecognised(high_side_outliers(self.reversed.mask_norms,
                                                                   self.reversed.threshold))
                             if getattr(options, "suspect_large_masks", True) else [])
@@ -511,7 +512,6 @@ class SuspectsProbe(Probe):
         (accuracy below ``large_mask_accuracy_ratio`` x the median class's): a clean-label
         backdoor displaced that class's natural features, a naturally hard class still keeps them."""
         if not classes:
-            self.class_accuracy = None
             return []
         with torch.no_grad():
             pred = torch.cat([self.model(x).argmax(1) for x in self.fit.x.split(256)])
