@@ -48,8 +48,12 @@ def test_clp_on_the_backdoor_fixture(backdoor_case):
     assert result.evaluations == 0 and result.details["data_used"] is False
     # Probed: 1 channel from the first conv; vgg_small runs at any size, the first tried is 32.
     assert result.details["input_shape"] == [1, 32, 32] and result.details["input_shape_from"] == "probed"
-    # The documented behaviour on this fixture: no outlier at u = 3, the model is unchanged.
-    assert result.pruned == [] and after == metrics.evaluate(case.model, case.test, case.attack)
+    # On this fixture few channels (if any) are outliers at u = 3: which ones is borderline and
+    # moves with the CPU's floating point (none on one machine, 2 of 448 on another); the rule
+    # itself is checked channel by channel against the reference below.
+    assert len(result.pruned) <= 0.02 * result.total_units
+    if not result.pruned:
+        assert after == metrics.evaluate(case.model, case.test, case.attack)
 
     # UCLC as the reference code computes it, and the mean + u * std rule, channel by channel.
     ref = reference_uclc(case.model)
