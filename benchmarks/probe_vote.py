@@ -17,7 +17,6 @@ import argparse
 import time
 from pathlib import Path
 
-
 from onp_inputs import onp_inputs
 from trojanprune.defenses.onp import Options
 from trojanprune.onp.probes import create_probe

@@ -80,6 +80,7 @@ from torch import nn
 from ..defenses.base import CleanData
 from ..engine import ChannelMasks, MaskEvaluator, Units, target_margin
 from ..errors import ConfigError, DataError
+from ..metrics import class_accuracies, predict
 from ..registry import Registry
 from ..utils import derive_seed
 from .graphs import channel_activations
@@ -469,6 +470,7 @@ class SuspectsProbe(Probe):
                                                                   self.reversed.threshold))
                             if getattr(options, "suspect_large_masks", True) else [])
         user = self._user_target()
+        flagged = user is None  # the suspects are the classes the MAD index flagged
         if user is not None:
             pixel_classes = [user]
             feature_pairs = [(f, user) for f in self.feature_reverses]
@@ -478,6 +480,7 @@ class SuspectsProbe(Probe):
             feature_pairs = [(f, c) for f in self.feature_reverses for c in f.flagged]
             if not pixel_classes and not feature_pairs:
                 pixel_classes = [int(self.reversed.mask_norms.argmin())]
+                flagged = False
         feature_classes = [c for _, c in feature_pairs]
         self.pixel = [ReversedTriggerProbe(model, units, fit, held, options, seed, progress,
                                            reversed_=self.reversed, target=c) for c in pixel_classes]
@@ -490,8 +493,7 @@ class SuspectsProbe(Probe):
         # the suspects were not chosen by the index (a user target, or the fallback class).
         evidence = ([float(self.reversed.anomaly_index[c]) for c in pixel_classes]
                     + [float(f.anomaly_index[c]) for f, c in feature_pairs])
-        by_index = (getattr(options, "suspect_weights", SUSPECT_WEIGHTS[0]) == "anomaly" and user is None
-                    and (self.reversed.flagged or self.large_masks or feature_pairs))
+        by_index = flagged and getattr(options, "suspect_weights", SUSPECT_WEIGHTS[0]) == "anomaly"
         weights = torch.tensor(evidence if by_index else [1.0] * len(self.parts))
         self.weights = weights / weights.sum()
         # Reported target (informative; the score uses every suspect): the class both spaces
@@ -513,12 +515,9 @@ class SuspectsProbe(Probe):
         backdoor displaced that class's natural features, a naturally hard class still keeps them."""
         if not classes:
             return []
-        with torch.no_grad():
-            pred = torch.cat([self.model(x).argmax(1) for x in self.fit.x.split(256)])
         self.setup_evaluations += 1
-        acc = torch.stack([(pred[self.fit.y == k] == k).float().mean() if bool((self.fit.y == k).any())
-                           else torch.tensor(float("nan"), device=pred.device)
-                           for k in range(self.fit.num_classes)]).cpu()
+        acc = torch.tensor(class_accuracies(predict(self.model, self.fit.x), self.fit.y.cpu(),
+                                            self.fit.num_classes)) / 100
         self.class_accuracy = acc
         bar = float(getattr(self.options, "large_mask_accuracy_ratio", 0.5)) * float(acc.nanmedian())
         return [c for c in classes if bool(acc[c] < bar)]
