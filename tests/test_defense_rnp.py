@@ -132,3 +132,20 @@ def test_rnp_exploding_unlearning_is_a_data_error():
     with pytest.raises(DataError, match="NaN or infinity"):
         tp.repair(model, (x, y), method="rnp", unlearn_lr=1e30, clean_threshold=0.0,
                   unlearn_epochs=5, recover_epochs=1, batch_size=8)
+
+
+def test_rnp_clips_the_ascent_so_a_network_without_normalization_survives_it():
+    """LeNet-5 has no normalization layer: at unlearn_lr 0.1 the unclipped ascent drives the
+    logits to overflow and the masks cannot be recovered; with the gradient clipped to the
+    official code's max_norm (the default) the repair completes with finite masks."""
+    x, y = _random_set(60, 1, 16)
+    options = dict(unlearn_lr=0.1, clean_threshold=0.0, unlearn_epochs=10, recover_epochs=1,
+                   batch_size=8)
+    torch.manual_seed(0)
+    model = tp.models.create("lenet5", 10, 1, input_size=16).eval()
+    with pytest.raises(DataError, match="NaN or infinity"):
+        tp.repair(model, (x, y), method="rnp", unlearn_clip=0, **options)
+    result = tp.repair(model, (x, y), method="rnp", **options)
+    masks = [v for vals in result.details["mask_values"].values() for v in vals]
+    assert all(0.0 <= v <= 1.0 for v in masks)
+    assert result.details["unlearn"]["epochs"] == 10 and result.details["unlearn"]["stopped"] is None

@@ -25,6 +25,13 @@ How it is done here (see :mod:`.neuron_perturbation` for the mechanics):
 - If the accuracy never reaches ``clean_threshold`` within ``unlearn_epochs`` (the official code
   would then recover from a checkpoint it never saved), we recover from the last state and say
   so in ``details["unlearn"]["reached_threshold"]``.
+- The ascent's gradient norm is clipped to ``unlearn_clip`` (20). The official code calls
+  ``clip_grad_norm_(max_norm=20)`` too, but before ``backward()``, where it has no effect; we
+  clip where it acts. Why: on a network without normalization layers the unclipped ascent
+  blows the logits up until the loss overflows (measured: a BN-free CNN on MNIST reached an
+  infinite loss within the first epoch, before its accuracy was ever measured). If the loss
+  still becomes non-finite, the unlearning stops at the last finite state (the clean task is
+  unlearned by then; ``details["unlearn"]["stopped"]`` says so) instead of failing.
 - Which units to prune (ours; the paper sweeps thresholds against test-set ASR): as ANP's, by
   default the official code's "prune by number" walk down the recovered masks, lowest first
   (ties broken by the mask's mean over the recovering steps), stopping before the first prefix
@@ -74,6 +81,8 @@ class Options:
 
     unlearn_lr, unlearn_momentum, unlearn_weight_decay: SGD for the unlearning ascent (0.01,
         0.9, 5e-4; lr x0.1 at epochs 10 and 20).
+    unlearn_clip: the ascent's gradients are clipped to this L2 norm (20, the official code's
+        max_norm; see the module docstring). 0 disables clipping.
     unlearn_epochs: at most this many unlearning epochs (20).
     clean_threshold: stop unlearning once the epoch's clean accuracy is <= this fraction (0.20).
     recover_lr, recover_momentum: SGD on the masks (0.2, 0.9).
@@ -96,6 +105,7 @@ class Options:
     unlearn_lr: float = 0.01
     unlearn_momentum: float = 0.9
     unlearn_weight_decay: float = 5e-4
+    unlearn_clip: float = 20.0
     unlearn_epochs: int = 20
     clean_threshold: float = 0.20
     recover_lr: float = 0.2
@@ -112,7 +122,7 @@ class Options:
     def __post_init__(self):
         check_option_fields(self, positive=("unlearn_lr", "recover_lr", "alpha"),
                             non_negative=("unlearn_momentum", "unlearn_weight_decay",
-                                          "recover_momentum"),
+                                          "recover_momentum", "unlearn_clip"),
                             fractions=("clean_threshold",),
                             at_least_one=("unlearn_epochs", "recover_epochs", "batch_size"))
         check_selection_options(self)
@@ -179,7 +189,7 @@ def unlearn(model: nn.Module, data: CleanData, o: Options, gen: torch.Generator,
                                 weight_decay=o.unlearn_weight_decay)
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(UNLEARN_MILESTONES),
                                                     gamma=0.1)
-    accs, losses, reached = [], [], False
+    accs, losses, reached, stopped = [], [], False, None
     with model_mode(net, train=True), progress_bar(enabled=progress) as bar:
         task = bar.add_task("RNP: unlearning", total=o.unlearn_epochs)
         for _ in range(o.unlearn_epochs):
@@ -187,12 +197,17 @@ def unlearn(model: nn.Module, data: CleanData, o: Options, gen: torch.Generator,
             for x, y in _epoch(data, o.batch_size, gen):
                 logits = logits_of(net(x))
                 loss = F.cross_entropy(logits, y)
-                check_finite(loss.detach(), "RNP's unlearning loss")
-                optimizer.zero_grad(set_to_none=True)
-                (-loss).backward()
-                optimizer.step()
                 correct += int((logits.argmax(1) == y).sum())
                 seen += len(x)
+                if not bool(torch.isfinite(loss.detach())):
+                    # the weights are still those of the last (finite) step: stop there
+                    stopped = "the unlearning loss overflowed; the ascent stopped at the last finite state"
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                (-loss).backward()
+                if o.unlearn_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, max_norm=o.unlearn_clip)
+                optimizer.step()
                 total_loss += float(loss.detach())
                 steps += 1
             schedule.step()
@@ -201,13 +216,15 @@ def unlearn(model: nn.Module, data: CleanData, o: Options, gen: torch.Generator,
             losses.append(total_loss / max(steps, 1))
             if accs[-1] <= o.clean_threshold:
                 reached = True
+            if reached or stopped:
                 break
     for p in params:
         p.requires_grad_(False)
         p.grad = None
     for p in params:
         check_finite(p.detach(), "the unlearned model's weights")
-    info = {"epochs": len(accs), "reached_threshold": reached, "clean_acc": accs, "loss": losses}
+    info = {"epochs": len(accs), "reached_threshold": reached, "clean_acc": accs, "loss": losses,
+            "stopped": stopped}
     return net.eval(), info
 
 

@@ -1,0 +1,269 @@
+"""Every defense, at its defaults, on backdoored models the defaults were never looked at on.
+
+The defenses are meant for models trained elsewhere: other architectures, activations,
+normalizations, input preprocessing and triggers. This script builds such models here (defined
+below, not in the model registry), trains each with a backdoor on a training subset, and runs
+every registered defense on it through the public ``trojanprune.repair`` with 500 clean
+training images disjoint from the model's (ShapPruning one per class, CLP none), reporting ACC /
+ASR before and after, time, and any failure with its message.
+
+    TROJANPRUNE_DATA=../shared/datasets python benchmarks/unseen_models.py --out OUT.jsonl
+    python benchmarks/unseen_models.py --cases gelu_resnet --defenses onp clp --out OUT.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from torch import nn
+from safetensors.torch import load_model, save_model
+from torch.nn import functional as F
+
+import trojanprune as tp
+from trojanprune import attacks, data, metrics
+from trojanprune.training import TrainConfig, train
+from trojanprune.utils import derive_seed
+
+
+class Standardize(nn.Module):
+    """Input preprocessing of a model trained elsewhere: (x - mean) / std with its own constants."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class GeluBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.n1 = nn.BatchNorm2d(cout)
+        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.n2 = nn.BatchNorm2d(cout)
+        self.proj = None
+        if stride != 1 or cin != cout:
+            self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.gelu(self.n1(self.c1(x)))
+        out = self.n2(self.c2(out))
+        return F.gelu(out + (x if self.proj is None else self.proj(x)))
+
+
+class GeluResNet(nn.Module):
+    """Residual, GELU, projection shortcuts, functional flatten, no nn.ReLU anywhere."""
+
+    def __init__(self, in_ch, classes):
+        super().__init__()
+        self.prep = Standardize([0.5] * in_ch, [0.25] * in_ch)
+        self.stem = nn.Sequential(nn.Conv2d(in_ch, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16))
+        self.stages = nn.Sequential(GeluBlock(16, 16, 1), GeluBlock(16, 32, 2), GeluBlock(32, 48, 2))
+        self.fc = nn.Linear(48, classes)
+
+    def forward(self, x):
+        x = F.gelu(self.stem(self.prep(x)))
+        x = self.stages(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class PlainNoBN(nn.Module):
+    """No normalization layers at all; biased convs, max pooling, dropout, two linear layers;
+    preprocessing x * 2 - 1 written inline."""
+
+    def __init__(self, in_ch, classes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, 24, 3, padding=1)
+        self.conv2 = nn.Conv2d(24, 32, 3, padding=1)
+        self.conv3 = nn.Conv2d(32, 48, 3, padding=1)
+        self.drop = nn.Dropout(0.2)
+        self.hidden = nn.Linear(48 * 9, 64)
+        self.out = nn.Linear(64, classes)
+
+    def forward(self, x):
+        x = x * 2 - 1
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.adaptive_max_pool2d(F.relu(self.conv3(x)), 3)
+        return self.out(self.drop(F.relu(self.hidden(x.flatten(1)))))
+
+
+class GroupNormSiLU(nn.Module):
+    """GroupNorm instead of BatchNorm, SiLU activations."""
+
+    def __init__(self, in_ch, classes):
+        super().__init__()
+        layers, cin = [], in_ch
+        for cout, pool in ((16, False), (32, True), (32, False), (64, True)):
+            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.GroupNorm(4, cout), nn.SiLU()]
+            if pool:
+                layers.append(nn.AvgPool2d(2))
+            cin = cout
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes))
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, c, expand):
+        super().__init__()
+        h = c * expand
+        self.expand = nn.Sequential(nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6())
+        self.depthwise = nn.Sequential(nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False),
+                                       nn.BatchNorm2d(h), nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.project(self.depthwise(self.expand(x)))
+
+
+class MobileLike(nn.Module):
+    """MobileNetV2-style: depthwise convolutions, inverted residuals, ReLU6, normalization from
+    ImageNet constants as a buffer."""
+
+    def __init__(self, in_ch, classes):
+        super().__init__()
+        mean, std = [0.485, 0.456, 0.406][:in_ch], [0.229, 0.224, 0.225][:in_ch]
+        self.normalize = Standardize(mean, std)
+        self.stem = nn.Sequential(nn.Conv2d(in_ch, 24, 3, 2, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU6())
+        self.block1 = InvertedResidual(24, 3)
+        self.down = nn.Sequential(nn.Conv2d(24, 40, 3, 2, 1, bias=False), nn.BatchNorm2d(40), nn.ReLU6())
+        self.block2 = InvertedResidual(40, 3)
+        self.classifier = nn.Linear(40, classes)
+
+    def forward(self, x):
+        x = self.block2(self.down(self.block1(self.stem(self.normalize(x)))))
+        return self.classifier(x.mean((2, 3)))
+
+
+class MLPNet(nn.Module):
+    """Only linear layers: flatten, LayerNorm, GELU."""
+
+    def __init__(self, in_ch, classes, size=28):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_ch * size * size, 256), nn.LayerNorm(256),
+                                 nn.GELU(), nn.Linear(256, 128), nn.GELU(), nn.Linear(128, classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+ARCHS = {"gelu_resnet": GeluResNet, "plain_nobn": PlainNoBN, "groupnorm_silu": GroupNormSiLU,
+         "mobile_like": MobileLike, "mlp": MLPNet}
+
+#: each case: a dataset, an architecture and a trigger the zoo never used
+CASES = {
+    "gelu_resnet": dict(dataset="mnist", arch="gelu_resnet", attack="badnets",
+                        attack_options=dict(patch_size=4, position="top-left", colour="checkerboard"), target=3),
+    "plain_nobn": dict(dataset="mnist", arch="plain_nobn", attack="blended",
+                       attack_options=dict(alpha=0.15), target=7),
+    "groupnorm_silu": dict(dataset="mnist", arch="groupnorm_silu", attack="badnets",
+                           attack_options=dict(patch_size=3, position=(22, 4), colour="checkerboard"), target=5),
+    "mobile_like": dict(dataset="mnist", arch="mobile_like", attack="wanet", attack_options={}, target=1),
+    "mlp": dict(dataset="mnist", arch="mlp", attack="badnets",
+                attack_options=dict(patch_size=4, position="bottom-left", colour="white"), target=9),
+}
+
+DATA_FOR = {"shappruning": dict(per_class=1), "clp": None}
+
+
+def build_case(name: str, data_dir, epochs: int, train_images: int, models_dir: Path | None = None):
+    """The case's backdoored model (trained here, or loaded from ``models_dir`` when a previous
+    run saved it), its attack, the defender's pool (training images the model never saw) and
+    the test images."""
+    spec = CASES[name]
+    full = data.load_dataset(spec["dataset"], "train", data_dir=data_dir)
+    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(derive_seed(0, name)))
+    train_set = full.subset(order[:train_images])
+    defender_pool = full.subset(order[train_images:train_images + 10000])
+    test = data.load_dataset(spec["dataset"], "test", data_dir=data_dir)
+    test = test.subset(range(0, len(test), max(1, len(test) // 2000)))
+    attack = attacks.create(spec["attack"], train_set.image_shape, train_set.num_classes,
+                            target=spec["target"], seed=0, **spec["attack_options"])
+    poisoned, _ = attack.poison(train_set, rate=0.1, seed=1)
+    torch.manual_seed(0)
+    c = train_set.image_shape[0]
+    model = ARCHS[spec["arch"]](c, train_set.num_classes)
+    start = time.perf_counter()
+    saved = None if models_dir is None else models_dir / f"{name}-{epochs}ep-{train_images}.safetensors"
+    if saved is not None and saved.exists():
+        load_model(model, saved)
+    else:
+        train(model, poisoned, TrainConfig(epochs=epochs, lr=0.05, seed=0), progress=False)
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            save_model(model, saved)
+    seconds = time.perf_counter() - start
+    model.eval()
+    return model, attack, defender_pool, test, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--defenses", nargs="+", default=None, help="default: every registered one")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--train-images", type=int, default=20000)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--set", nargs="*", default=[], metavar="DEFENSE.KEY=VALUE",
+                        help="override a defense option, e.g. onp.episodes=64")
+    parser.add_argument("--models-dir", default=None,
+                        help="save each trained model here, and reuse it on the next run")
+    parser.add_argument("--details", action="store_true",
+                        help="also record each repair's details (probe, choice, scores)")
+    parser.add_argument("--out", required=True, help="JSONL file, appended to")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    overrides: dict[str, dict] = {}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        method, option = key.split(".", 1)
+        overrides.setdefault(method, {})[option] = value
+    methods = args.defenses or tp.defenses.available()
+    out = Path(args.out)
+    for name in args.cases:
+        model, attack, pool, test, train_seconds = build_case(
+            name, args.data_dir, args.epochs, args.train_images,
+            Path(args.models_dir) if args.models_dir else None)
+        before = metrics.evaluate(model, test, attack)
+        print(f"[{name}] trained in {train_seconds:.0f}s: {before}", flush=True)
+        for method in methods:
+            setting = DATA_FOR.get(method, dict(n=500))
+            clean = None if setting is None else data.clean_subset(pool, seed=0, **setting)
+            row = dict(case=name, **{("true_target" if k == "target" else k): v
+                                   for k, v in CASES[name].items()}, defense=method,
+                       before=before, clean=setting)
+            start = time.perf_counter()
+            try:
+                result = tp.repair(model, clean, method=method, seed=0, **overrides.get(method, {}))
+                row.update(after=metrics.evaluate(result.model, test, attack),
+                           pruned=len(result.pruned), verdict=result.verdict, target=result.target,
+                           evaluations=result.evaluations, seconds=round(result.seconds, 1))
+                if args.details:
+                    row["details"] = result.to_dict()["details"]
+                row["der"] = round(100 * metrics.defense_effectiveness_rating(
+                    before["acc"] / 100, row["after"]["acc"] / 100,
+                    before["asr"] / 100, row["after"]["asr"] / 100), 2)
+            except Exception as exc:  # noqa: BLE001 - a failure is a result here
+                row.update(error=f"{type(exc).__name__}: {exc}",
+                           traceback=traceback.format_exc(limit=6),
+                           seconds=round(time.perf_counter() - start, 1))
+            print(json.dumps({k: row.get(k) for k in ("case", "defense", "after", "der", "pruned",
+                                                      "target", "seconds", "error")}), flush=True)
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
