@@ -425,6 +425,13 @@ def test_suspects_probe_scores_every_flagged_trigger(backdoor_case, monkeypatch)
     alone = create_probe("suspects", case.model, units, fit, held, Options(**one_layer), seed=0)
     assert alone.suspects == [("pixel", int(alone.reversed.mask_norms.argmin()), None)]
     assert alone.target == alone.suspects[0][1]
+    # only the feature reverse flags (3): Neural Cleanse's best guess, the smallest pixel mask,
+    # is a suspect beside it
+    _report_flags(monkeypatch, "reverse_feature_triggers", [3])
+    guess = create_probe("suspects", case.model, units, fit, held, Options(**one_layer), seed=0)
+    smallest = int(guess.reversed.mask_norms.argmin())
+    assert guess.suspects == [("pixel", smallest, None), ("feature", 3, layer)]
+    assert [round(float(w), 4) for w in guess.weights] == [0.5, 0.5]
 
 
 def test_suspects_probe_adds_large_pixel_masks_and_the_last_layer(backdoor_case, monkeypatch):
