@@ -9,6 +9,7 @@ ASR before and after, time, and any failure with its message.
 
     TROJANPRUNE_DATA=../shared/datasets python benchmarks/unseen_models.py --out OUT.jsonl
     python benchmarks/unseen_models.py --cases gelu_resnet --defenses onp clp --out OUT.jsonl
+    python benchmarks/unseen_models.py --table OUT.jsonl     # the markdown table of a results file
 """
 
 from __future__ import annotations
@@ -208,8 +209,39 @@ def build_case(name: str, data_dir, epochs: int, train_images: int, models_dir: 
     return model, attack, defender_pool, test, seconds
 
 
+def table(path: str) -> str:
+    """A markdown table of a results file: one row per case, ACC / ASR after each defense (the
+    last row recorded for a (case, defense) pair wins, so a rerun replaces an earlier one)."""
+    rows: dict[tuple[str, str], dict] = {}
+    cases: dict[str, dict] = {}
+    for line in Path(path).read_text().splitlines():
+        row = json.loads(line)
+        rows[(row["case"], row["defense"])] = row
+        cases[row["case"]] = row
+    methods = sorted({d for _, d in rows})
+    out = ["| case | arch | attack (target) | before ACC / ASR | "
+           + " | ".join(f"{m} ACC / ASR" for m in methods) + " |",
+           "|---|---|---|---|" + "---|" * len(methods)]
+    for case, any_row in cases.items():
+        cells = []
+        for m in methods:
+            row = rows.get((case, m))
+            if row is None:
+                cells.append("")
+            elif "error" in row:
+                cells.append(f"error: {row['error'].split(':')[0]}")
+            else:
+                cells.append(f"{row['after']['acc']:.2f} / {row['after']['asr']:.2f}")
+        b = any_row["before"]
+        out.append(f"| {case} | {any_row['arch']} | {any_row['attack']} ({any_row['true_target']}) "
+                   f"| {b['acc']:.2f} / {b['asr']:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--table", metavar="RESULTS_JSONL",
+                        help="print the markdown table of a results file and exit")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--defenses", nargs="+", default=None, help="default: every registered one")
     parser.add_argument("--data-dir", default=None)
@@ -222,8 +254,13 @@ def main() -> None:
                         help="save each trained model here, and reuse it on the next run")
     parser.add_argument("--details", action="store_true",
                         help="also record each repair's details (probe, choice, scores)")
-    parser.add_argument("--out", required=True, help="JSONL file, appended to")
+    parser.add_argument("--out", help="JSONL file, appended to")
     args = parser.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
+    if not args.out:
+        parser.error("--out is required to run cases")
     torch.set_num_threads(args.threads)
     overrides: dict[str, dict] = {}
     for item in args.set:
@@ -244,9 +281,12 @@ def main() -> None:
             row = dict(case=name, **{("true_target" if k == "target" else k): v
                                    for k, v in CASES[name].items()}, defense=method,
                        before=before, clean=setting)
+            options = dict(overrides.get(method, {}))
+            if method == "clp":  # data-free: the input shape the user knows of their model
+                options.setdefault("input_shape", ",".join(map(str, test.image_shape)))
             start = time.perf_counter()
             try:
-                result = tp.repair(model, clean, method=method, seed=0, **overrides.get(method, {}))
+                result = tp.repair(model, clean, method=method, seed=0, **options)
                 row.update(after=metrics.evaluate(result.model, test, attack),
                            pruned=len(result.pruned), verdict=result.verdict, target=result.target,
                            evaluations=result.evaluations, seconds=round(result.seconds, 1))

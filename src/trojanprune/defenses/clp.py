@@ -22,7 +22,10 @@ Generic choices (ours; the reference code walks a ResNet's modules in definition
   layer statistics), and the group channel is pruned if ANY producer flags it.
 - Depthwise and grouped convs use each channel's (C_in / groups, kh*kw) kernel; with
   ``include_linear`` hidden linear layers are scored too (a neuron's weight row, spectral norm
-  = its L2 norm; a following BatchNorm1d is folded the same way). The paper scores convs only.
+  = its L2 norm; a following BatchNorm1d is folded the same way). The paper scores convs only;
+  a model without any conv layer (an MLP, a ViT-style all-linear network) has its hidden
+  linear neurons scored whatever ``include_linear`` says (``details["linear_because_no_conv"]``),
+  rather than nothing to prune.
 - The engine needs an example input to find the unit groups. Without clean data the input shape
   is probed: the first conv's input channels and the first of 32, 28, 64, 224, 96, 128, 256, 16
   pixels the model runs on; set ``input_shape`` ("C,H,W") to skip probing. Given clean data,
@@ -38,7 +41,7 @@ from torch import nn
 
 from ..engine import apply_masks_permanently, discover_units
 from ..engine.inputs import first_conv, parse_input_shape, probe_input
-from ..errors import ConfigError, TrojanPruneError
+from ..errors import ConfigError
 from . import register
 from .base import CleanData, Defense, RepairResult
 
@@ -79,7 +82,8 @@ class ChannelLipschitzPruning(Defense):
     def run(self, model: nn.Module, clean: CleanData | None) -> RepairResult:
         o = self.options
         example, shape_source = example_input(model, clean, o.input_shape, self.device)
-        units = discover_units(model, example, include_linear=o.include_linear)
+        no_conv = first_conv(model) is None
+        units = discover_units(model, example, include_linear=o.include_linear or no_conv)
         norms = following_norms(model, example)
 
         pruned: list[tuple[str, int]] = []
@@ -110,7 +114,8 @@ class ChannelLipschitzPruning(Defense):
 
         repaired = apply_masks_permanently(model, units, pruned)
         details = {"u": o.u, "input_shape": list(example.shape[1:]), "input_shape_from": shape_source,
-                   "data_used": False, "groups": per_group}
+                   "data_used": False, "linear_because_no_conv": no_conv and not o.include_linear,
+                   "groups": per_group}
         return RepairResult(model=repaired, method=self.name, pruned=pruned, evaluations=0,
                             details=details, total_units=units.total)
 
@@ -198,5 +203,7 @@ def example_input(model: nn.Module, clean: CleanData | None, input_shape: str,
     if clean is not None and len(clean):
         return clean.x[:1], "clean data"
     if not input_shape and first_conv(model) is None:
-        raise TrojanPruneError("CLP prunes conv channels, and this model has no conv layer")
+        raise ConfigError("this model has no conv layer to read its input channels from, so "
+                          "data-free CLP cannot probe its input shape; set input_shape "
+                          "(e.g. --set input_shape=1,28,28)")
     return probe_input(model, input_shape, device, "data-free CLP")

@@ -12,7 +12,9 @@ The paper's observation: a backdoor lives in neurons that clean inputs leave dor
 How it is done here, generically (any model the engine supports):
 - "last convolutional layer" = the unit group written by the conv that runs last in a forward
   pass (:func:`last_conv_group`); for a residual network that is the last stage's residual
-  stream (all of whose convs share the channels), the layer that feeds the classifier.
+  stream (all of whose convs share the channels), the layer that feeds the classifier. A model
+  without conv layers (an MLP) has its last hidden linear layer pruned instead, the same rule
+  one layer type down (ours; the paper's networks all have convs).
 - "activation" (ours): what the rest of the network reads of the channel. We hook the INPUT of
   the group's last consumer (the conv/linear that reads the channels last, e.g. the classifier
   after global pooling), which carries the channel after BatchNorm, ReLU, pooling and any skip
@@ -102,8 +104,10 @@ class FinePruning(Defense):
 
     def run(self, model: nn.Module, clean: CleanData | None) -> RepairResult:
         o = self.options
-        all_units = discover_units(model, clean.x[:1], include_linear=False)
-        group = last_conv_group(model, all_units, clean.x[:1])
+        all_units = discover_units(model, clean.x[:1])
+        kind = "conv" if any(g.kind == "conv" for g in all_units) else "linear"
+        all_units = all_units.select("all", kind=kind)
+        group = last_conv_group(model, all_units, clean.x[:1], kind=kind)
         units = all_units.select([group.name])
 
         fit, held = clean.split(o.holdout, seed=derive_seed(self.seed, "fp-holdout"))
@@ -154,7 +158,7 @@ class FinePruning(Defense):
                                  progress=self.progress, augment=o.augment)
         repaired = apply_masks_permanently(model, units, pruned)
         details = {
-            "layer": group.name, "layer_channels": group.size,
+            "layer": group.name, "layer_kind": kind, "layer_channels": group.size,
             "activation_source": source,
             "mean_activation": activation.cpu().tolist(),
             "prune_order": order.tolist(),
@@ -178,14 +182,16 @@ class FinePruning(Defense):
 
 
 @torch.no_grad()
-def last_conv_group(model: nn.Module, units: Units, example: torch.Tensor) -> UnitGroup:
-    """The unit group written by the conv that runs last: the last convolutional layer.
+def last_conv_group(model: nn.Module, units: Units, example: torch.Tensor,
+                    kind: str = "conv") -> UnitGroup:
+    """The unit group written by the conv that runs last: the last convolutional layer
+    (``kind="linear"``: the last hidden linear layer).
 
     Not ``units.select("last:1")``, which orders groups by their root (first producer): in a
     ResNet the last stage's residual stream has its root early in the stage, so "last:1" would
     be the last block's inner conv, while the layer that feeds the classifier is the stream.
     """
-    convs = {p for g in units if g.kind == "conv" for p in g.producers}
+    convs = {p for g in units if g.kind == kind for p in g.producers}
     order: dict[str, int] = {}
     handles = []
     flags = {m: m.training for m in model.modules()}
@@ -201,10 +207,10 @@ def last_conv_group(model: nn.Module, units: Units, example: torch.Tensor) -> Un
             h.remove()
         for m, flag in flags.items():
             m.training = flag
-    candidates = [g for g in units if g.kind == "conv" and any(p in order for p in g.producers)]
+    candidates = [g for g in units if g.kind == kind and any(p in order for p in g.producers)]
     if not candidates:
-        raise TrojanPruneError(f"{type(model).__name__} has no prunable conv layer; Fine-Pruning "
-                               "prunes the channels of the last conv layer")
+        raise TrojanPruneError(f"{type(model).__name__} has no prunable {kind} layer; Fine-Pruning "
+                               f"prunes the channels of the last {kind} layer")
     return max(candidates, key=lambda g: max(order.get(p, -1) for p in g.producers))
 
 

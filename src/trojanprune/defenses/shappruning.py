@@ -116,7 +116,9 @@ class Options:
         layers: unit groups whose channels are the players: "last:N", "first:N", "all", or
             comma-separated group names ("last:2", ours: the deepest layers carry the backdoor
             features and keep the game small).
-        kind: "conv" (default; the paper prunes filters), "linear" or "any" group kinds.
+        kind: "conv" (default; the paper prunes filters), "linear" or "any" group kinds. A
+            model without conv layers plays its hidden linear neurons under "conv" (ours;
+            ``details["shapley"]["players_kind"]`` says so).
         value: "margin" (mean hinge margin of the target under the reversed trigger, ours) or
             "success" (fraction of the few images sent to the target).
         permutations: permutations sampled (100, ours).
@@ -255,7 +257,10 @@ class ShapPruning(Defense):
 
         # the players and the budget, checked before any optimization
         all_units = discover_units(model, x[:1])
-        units = all_units.select(_layers(o.layers), kind=None if o.kind == "any" else o.kind)
+        kind = None if o.kind == "any" else o.kind
+        if kind == "conv" and not any(g.kind == "conv" for g in all_units):
+            kind = "linear"  # no filters to play: the hidden neurons are the players
+        units = all_units.select(_layers(o.layers), kind=kind)
         budget = min(units.total, math.ceil(o.budget * all_units.total - 1e-9))
         if budget < 1:
             raise ConfigError(f"budget {o.budget} allows nothing to be pruned")
@@ -328,7 +333,8 @@ class ShapPruning(Defense):
         evals["shapley"] = trig.evaluations
         values = est.values.float()
         details["shapley"] = {
-            **est.summary(), "layers": [g.name for g in units], "top_k": top_k,
+            **est.summary(), "layers": [g.name for g in units], "players_kind": kind or "any",
+            "top_k": top_k,
             "value": o.value, "images": int(victims.sum()),
             "values": {name: t for name, t in units.split(values).items()},
             "top": [[*units.unit_of(int(i)), round(float(values[i]), 6)] for i in est.ranking()[:top_k]],
