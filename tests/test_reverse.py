@@ -45,6 +45,24 @@ def test_high_side_outliers_are_only_the_large_norms():
         high_side_outliers(norms, threshold=-1)
 
 
+def test_feature_detection_compares_only_working_triggers():
+    from trojanprune.reverse.feature import detect_working
+
+    norms = torch.tensor([0.99, 0.99, 0.905, 0.98, 0.98, 0.978, 0.986, 0.985, 0.937, 0.964])
+    # the MLP case: only classes 2 and 8 were reached; the plain test flags them
+    reached = torch.tensor([0.0, 0, 1, 0, 0, 0, 0, 0, 1, 0])
+    assert detect_outlier(norms).flagged == [2, 8]
+    assert detect_working(norms, reached).flagged == []
+    # every trigger works: the plain test
+    works = torch.ones(10)
+    assert detect_working(norms, works).flagged == detect_outlier(norms).flagged
+    # a failed class is never flagged, however small its norm, and does not move the others
+    small = torch.tensor([0.5, 5.0, 5.2, 4.8, 5.5, 4.5, 5.1, 4.9, 5.3, 4.7])
+    failed_first = torch.tensor([0.2] + [1.0] * 9)
+    assert detect_outlier(small).flagged == [0]
+    assert detect_working(small, failed_first).flagged == []
+
+
 def test_detection_bad_input():
     with pytest.raises(ConfigError):
         anomaly_index(torch.tensor([1.0]))

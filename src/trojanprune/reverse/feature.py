@@ -45,7 +45,7 @@ from ..engine import MaskEvaluator, Units
 from ..engine.units import channel_dim
 from ..errors import ConfigError, DataError
 from ..progress import progress_bar
-from .detect import ANOMALY_THRESHOLD, detect_outlier
+from .detect import ANOMALY_THRESHOLD, Detection, anomaly_index, detect_outlier
 
 
 @dataclass
@@ -146,6 +146,31 @@ def last_conv_layer(units: Units) -> str:
     return max(_conv_groups(units), key=lambda g: g.depth).name
 
 
+#: a feature trigger "works" when it sends at least this fraction of the other classes' images
+#: to its class; only working triggers' sizes are compared
+WORKING_SUCCESS = 0.5
+
+
+def detect_working(norms: torch.Tensor, success: torch.Tensor,
+                   threshold: float = ANOMALY_THRESHOLD) -> Detection:
+    """Neural Cleanse's MAD test on the mask norms of the triggers that work (ours).
+
+    A class whose trigger does not work (success < :data:`WORKING_SUCCESS`) was not reached
+    with the mask it ended with, so its norm is no trigger size: it counts as at least the
+    largest norm found, and is never flagged. When fewer than half of the classes' triggers
+    work, there is no typical size to compare with and nothing is flagged. Why: on an MLP
+    (benchmarks/unseen_models.py) the reverse at its last hidden layer reached 2 of 10 classes,
+    whose marginally smaller norms (0.91, 0.94 against 0.96-0.99) the plain test flagged (index
+    7.3, 4.1) while the real target was another class. On the CIFAR-10 zoo every class's
+    feature trigger works (success 1.0), so there this is the plain test.
+    """
+    norms = torch.as_tensor(norms, dtype=torch.float64).flatten()
+    working = torch.as_tensor(success).flatten() >= WORKING_SUCCESS
+    if 2 * int(working.sum()) < len(norms):
+        return Detection(anomaly_index(norms), [], None, float(threshold))
+    return detect_outlier(torch.where(working, norms, norms.max()), threshold)
+
+
 def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y: torch.Tensor,
                              num_classes: int, *, layer: str | None = None, steps: int = 300,
                              lr: float = 0.1, cost: float = 0.02, seed: int = 0,
@@ -225,7 +250,7 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
         logits = evaluator.edited_logits(ones, module, writer(m, v, dim, rectify), grad=False)
         success = ((logits.argmax(-1) == classes.unsqueeze(1)).float() * weight).sum(1) / weight.sum(1)
         norms = m.sum(1)
-    detection = detect_outlier(norms.cpu(), anomaly_threshold)
+    detection = detect_working(norms.cpu(), success.cpu(), anomaly_threshold)
     return FeatureTriggers(layer=layer, module=module, channel_dim=dim, masks=m.detach().cpu(),
                            values=v.detach().cpu(), mask_norms=norms.cpu(),
                            attack_success=success.cpu(), anomaly_index=detection.anomaly_index,
@@ -234,5 +259,5 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
                            rectify=rectify)
 
 
-__all__ = ["FeatureTriggers", "default_layer", "last_conv_layer", "reverse_feature_triggers", "write",
-           "writer"]
+__all__ = ["FeatureTriggers", "WORKING_SUCCESS", "default_layer", "detect_working", "last_conv_layer",
+           "reverse_feature_triggers", "write", "writer"]
