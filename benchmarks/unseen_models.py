@@ -235,6 +235,11 @@ def table(path: str) -> str:
         b = any_row["before"]
         out.append(f"| {case} | {any_row['arch']} | {any_row['attack']} ({any_row['true_target']}) "
                    f"| {b['acc']:.2f} / {b['asr']:.2f} | " + " | ".join(cells) + " |")
+    ders = []
+    for m in methods:  # a failed repair leaves the model as it was: DER 50
+        values = [rows[(c, m)].get("der", 50.0) for c in cases if (c, m) in rows]
+        ders.append(f"{sum(values) / len(values):.2f}" if values else "")
+    out.append("| mean DER (failed runs count 50) | | | | " + " | ".join(ders) + " |")
     return "\n".join(out)
 
 
