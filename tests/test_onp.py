@@ -425,13 +425,17 @@ def test_suspects_probe_scores_every_flagged_trigger(backdoor_case, monkeypatch)
     alone = create_probe("suspects", case.model, units, fit, held, Options(**one_layer), seed=0)
     assert alone.suspects == [("pixel", int(alone.reversed.mask_norms.argmin()), None)]
     assert alone.target == alone.suspects[0][1]
-    # only the feature reverse flags (3): Neural Cleanse's best guess, the smallest pixel mask,
-    # is a suspect beside it
-    _report_flags(monkeypatch, "reverse_feature_triggers", [3])
+    # only the feature reverse flags: Neural Cleanse's best guess, the smallest pixel mask, is a
+    # suspect beside it when the feature reverse flags the same class, not otherwise
+    smallest = int(alone.reversed.mask_norms.argmin())
+    _report_flags(monkeypatch, "reverse_feature_triggers", [smallest])
     guess = create_probe("suspects", case.model, units, fit, held, Options(**one_layer), seed=0)
-    smallest = int(guess.reversed.mask_norms.argmin())
-    assert guess.suspects == [("pixel", smallest, None), ("feature", 3, layer)]
+    assert guess.suspects == [("pixel", smallest, None), ("feature", smallest, layer)]
     assert [round(float(w), 4) for w in guess.weights] == [0.5, 0.5]
+    other = (smallest + 1) % 10
+    _report_flags(monkeypatch, "reverse_feature_triggers", [other])
+    unbacked = create_probe("suspects", case.model, units, fit, held, Options(**one_layer), seed=0)
+    assert unbacked.suspects == [("feature", other, layer)] and unbacked.target == other
 
 
 def test_suspects_probe_adds_large_pixel_masks_and_the_last_layer(backdoor_case, monkeypatch):
