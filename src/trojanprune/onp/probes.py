@@ -440,8 +440,9 @@ class SuspectsProbe(Probe):
     flagged it too, and without the guess ONP left 84% ASR (45% with it). Uncorroborated, the
     guess is a false suspect that dilutes the score: on the resnet20 WaNet zoo model (smallest
     mask: class 6; the feature reverse flags 0, 2, 8) it raised ONP's ASR from 79% to 97%
-    (BENCHMARKS.md). A user ``target``: that class's trigger in every space and layer. Score: the MEAN of the suspects' scores (each as in its own probe),
-    so the agent is paid for every trigger it disables; the max would hide the progress on the
+    (BENCHMARKS.md). A user ``target``: that class's trigger in every space and layer.
+    Score: the MEAN of the suspects' scores (each as in its own probe), so the agent is paid
+    for every trigger it disables; the max would hide the progress on the
     real trigger behind a false suspect that no cheap pruning disables. With
     ``suspect_weights="anomaly"`` the mean is weighted by each suspect's MAD anomaly index in
     its own reverse, so a marginal false suspect (index just above 2) does not dilute a strong
