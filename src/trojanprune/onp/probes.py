@@ -489,13 +489,13 @@ class SuspectsProbe(Probe):
             feature_pairs = [(f, c) for f in self.feature_reverses for c in f.flagged]
             if not pixel_classes and not feature_pairs:
                 flagged = False
-            smallest = int(self.reversed.mask_norms.argmin())
-            if not self.reversed.flagged and (not flagged or smallest in [c for _, c in feature_pairs]):
-                # Neural Cleanse flags no small mask: its best guess, the smallest mask's class,
-                # is a suspect when nothing else is, or when a feature reverse flags the same
-                # class (see the class docstring for why)
-                pixel_classes = [smallest] + [c for c in pixel_classes if c != smallest]
         feature_classes = [c for _, c in feature_pairs]
+        smallest = int(self.reversed.mask_norms.argmin())
+        if user is None and not self.reversed.flagged and (not flagged or smallest in feature_classes):
+            # Neural Cleanse flags no small mask: its best guess, the smallest mask's class, is a
+            # suspect when nothing else is, or when a feature reverse flags the same class (see
+            # the class docstring for why)
+            pixel_classes = [smallest] + [c for c in pixel_classes if c != smallest]
         self.pixel = [ReversedTriggerProbe(model, units, fit, held, options, seed, progress,
                                            reversed_=self.reversed, target=c) for c in pixel_classes]
         self.feature = [FeatureTriggerProbe(model, units, fit, held, options, seed, progress,
