@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 
 from trojanprune import models
 from trojanprune.cli import app
+from trojanprune.utils import default_mode
 
 runner = CliRunner()
 
@@ -192,6 +194,9 @@ def test_repair_writes_weights_mask_record_and_is_evaluable(digits_run, tmp_path
     assert record["clean_images"] == 300 and record["evaluations"] > 0
     for name in ("model.safetensors", "mask.safetensors", "repair.json", "run.json"):
         assert (out / name).is_file(), name
+        # written through private temporary files, published with ordinary permissions
+        assert stat.S_IMODE((out / name).stat().st_mode) == default_mode(), name
+    assert stat.S_IMODE(out.stat().st_mode) == default_mode(directory=True)
     from safetensors.torch import load_file
 
     masks = load_file(str(out / "mask.safetensors"))

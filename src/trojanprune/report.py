@@ -20,9 +20,7 @@ import html
 import io
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -30,6 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from .errors import ConfigError, TrojanPruneError
+from .utils import write_atomic
 
 # -------------------------------------------------------------------------------------------
 # per-channel scores found in a result's details
@@ -701,16 +700,7 @@ def write_report(path: str | Path, result, record: Mapping, *, curve: list[dict]
     text = render_report(result, record, curve=curve, title=title)
     if not path.parent.is_dir():
         raise TrojanPruneError(f"cannot write {path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, text)
 
 
 __all__ = ["ScoreSet", "curve_points", "pruning_curve", "ranked_pruned", "render_report",

@@ -51,17 +51,52 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def write_json_atomic(path: str | Path, data) -> None:
+def _process_umask() -> int:
+    # os.umask can only be read by setting it; done once, at import, before any worker thread
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+
+
+def default_mode(directory: bool = False) -> int:
+    """The permissions ``open``/``mkdir`` would give a new file (directory) under the umask.
+
+    Atomic writes go through ``mkstemp``/``mkdtemp``, which create private (0600/0700) entries;
+    outputs are given these ordinary permissions before they are moved into place, so a
+    repaired model or report is as readable as any other file the user writes.
+    """
+    return (0o777 if directory else 0o666) & ~_UMASK
+
+
+def write_atomic(path: str | Path, content: str | bytes, encoding: str = "utf-8") -> Path:
+    """Write ``content`` to ``path`` completely or not at all (temporary file + rename)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(content.encode(encoding) if isinstance(content, str) else content)
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def _give_default_modes(root: Path) -> None:
+    """mkdtemp's folder is private, and so are files some writers create inside it."""
+    os.chmod(root, default_mode(directory=True))
+    for entry in root.rglob("*"):
+        if entry.is_symlink():
+            continue
+        os.chmod(entry, default_mode(directory=entry.is_dir()))
 
 
 @contextmanager
@@ -84,6 +119,7 @@ def atomic_directory(out_dir: str | Path, force: bool = False) -> Iterator[Path]
         raise TrojanPruneError(f"cannot write to {parent}: {exc.strerror}; choose a writable --out") from None
     try:
         yield tmp
+        _give_default_modes(tmp)
         if out_dir.exists():
             old = parent / f".{out_dir.name}.old-{os.getpid()}"
             os.replace(out_dir, old)

@@ -9,6 +9,8 @@ import io
 from collections import defaultdict
 from statistics import mean
 
+from ..utils import write_atomic
+
 METRICS = ("acc", "asr", "der")
 
 
@@ -176,20 +178,8 @@ def write_tables(out_dir, records: list[dict], defenses: list[str] | None = None
     for suffix, text in ((".md", markdown_table(records, defenses, attacks)),
                          (".csv", csv_table(records, defenses, attacks))):
         path = out_dir / f"{name}{suffix}"
-        _write_text_atomic(path, text)
+        write_atomic(path, text)
         paths.append(path)
     return paths
 
 
-def _write_text_atomic(path, text: str) -> None:
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
