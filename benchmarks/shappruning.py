@@ -13,7 +13,10 @@ For every run directory ``<zoo>/<dataset>-<arch>-<attack>`` (or those named with
    ``trigger_pattern``), the Shapley estimation again with (a) plain permutation sampling,
    (b) + truncation, (c) + discarding threshold, (d) + epsilon-greedy (= the default). For each:
    coalitions evaluated, seconds, overlap of its top channels with plain sampling's, and the
-   test ACC/ASR after pruning its top-N channels (N = what the few-shot repair pruned).
+   test ACC/ASR after pruning its top-N channels (N = what the few-shot repair pruned);
+4. curve (a diagnosis, like ``anp_curve.py``): the few-shot repair's Shapley ranking judged on
+   the test split -- test ACC/ASR after pruning its top 1, 2, ... channels, whatever the budget
+   and the stopping rule would choose: is a failure the ranking's or the stopping point's?
 
 ACC/ASR/RA/DER use the run's true trigger (``run.attack()``) on its test split, for evaluation
 only; the defense never sees them. Prints a Markdown report and writes it to ``--out``.
@@ -111,6 +114,32 @@ def ablation_rows(name: str, model, clean, result, test, attack, options, device
     return rows
 
 
+CURVE_COUNTS = list(range(1, 16)) + [20, 25, 30]
+
+
+def curve_rows(name: str, model, result, test, attack) -> list[str]:
+    """Test ACC/ASR after pruning the top-N channels of the repair's Shapley ranking."""
+    if "shapley" not in result.details:
+        return [f"| {name} | (no backdoor detected: no Shapley estimation) |"]
+    shap = result.details["shapley"]
+    x0 = test.tensors()[0][:1]
+    units = discover_units(model, x0).select(shap["layers"])
+    values = units.join({k: torch.as_tensor(v) for k, v in shap["values"].items()})
+    ranking = torch.argsort(values, descending=True, stable=True).tolist()
+    rows = []
+    for n in [k for k in CURVE_COUNTS if k <= units.total]:
+        pruned_units = [units.unit_of(i) for i in ranking[:n]]
+        after = metrics.evaluate(apply_masks_permanently(model, units, pruned_units), test, attack)
+        layer, channel = pruned_units[-1]
+        # the repair's channels are the top N only when the clean guard vetoed none of them
+        same = {tuple(u) for u in result.pruned} == {tuple(u) for u in pruned_units}
+        row = (f"| {name} | {n} | {layer}:{channel} | {float(values[ranking[n - 1]]):.4f} | "
+               f"{after['acc']:.2f} | {after['asr']:.2f} | {'<- repair' if same else ''} |")
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--zoo", default="benchmarks/zoo")
@@ -118,7 +147,7 @@ def main():
     ap.add_argument("--data-dir", default=None, help="dataset root (default: TROJANPRUNE_DATA)")
     ap.add_argument("--per-class", type=int, default=1)
     ap.add_argument("--modes", nargs="+", default=["few-shot", "data-free", "ablation"],
-                    choices=["few-shot", "data-free", "ablation"])
+                    choices=["few-shot", "data-free", "ablation", "curve"])
     ap.add_argument("--set", nargs="*", default=[], help="defense option key=value")
     ap.add_argument("--test-limit", type=int, default=0, help="evaluate on the first N test images (0: all)")
     ap.add_argument("--device", default="cpu")
@@ -135,7 +164,7 @@ def main():
     if not runs:
         raise SystemExit(f"no run directories in {zoo}; train the zoo first (benchmarks/zoo.py)")
 
-    repairs, ablation = [], []
+    repairs, ablation, curve = [], [], []
     for name in runs:
         run = load_run(zoo / name if (zoo / name).exists() else name)
         attack = run.attack()
@@ -150,7 +179,7 @@ def main():
         label = Path(name).name
         print(f"## {label}: before {before}", flush=True)
         few_result = None
-        if "few-shot" in args.modes or "ablation" in args.modes:
+        if {"few-shot", "ablation", "curve"} & set(args.modes):
             row, few_result = repair_row(label, f"{args.per_class}/class", run.model, clean, test,
                                          attack, before, options, args.device)
             repairs.append(row)
@@ -162,6 +191,8 @@ def main():
         if "ablation" in args.modes and few_result is not None:
             ablation += ablation_rows(label, run.model, clean, few_result, test, attack, options,
                                       args.device)
+        if "curve" in args.modes and few_result is not None:
+            curve += curve_rows(label, run.model, few_result, test, attack)
 
     header = (f"ShapPruning, seed 0, {args.per_class} clean image(s) per class from the training "
               f"split (data-free: none), options {options or 'default'}; {platform.machine()}, "
@@ -176,6 +207,11 @@ def main():
                    "| model | estimator | evaluations | plain evaluations | seconds | truncated "
                    "permutations | active at end | top-N overlap with plain | N | ACC | ASR |\n"
                    + "|---" * 11 + "|\n" + "\n".join(ablation) + "\n")
+    if curve:
+        report += ("\nThe few-shot repair's Shapley ranking judged on the test split (a diagnosis: "
+                   "top-N channels pruned, whatever the budget and stopping rule choose):\n\n"
+                   "| model | N | N-th channel | its Shapley value | ACC | ASR | |\n"
+                   + "|---" * 7 + "|\n" + "\n".join(curve) + "\n")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)

@@ -115,7 +115,9 @@ class Options:
     Shapley estimation:
         layers: unit groups whose channels are the players: "last:N", "first:N", "all", or
             comma-separated group names ("last:2", ours: the deepest layers carry the backdoor
-            features and keep the game small).
+            features and keep the game small). With "all", first-layer channels can rank high
+            because removing them breaks the reversed pixel pattern itself, at an accuracy cost
+            the few images do not show (BENCHMARKS.md, "Which channels play").
         kind: "conv" (default; the paper prunes filters), "linear" or "any" group kinds. A
             model without conv layers plays its hidden linear neurons under "conv" (ours;
             ``details["shapley"]["players_kind"]`` says so).
