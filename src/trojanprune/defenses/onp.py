@@ -55,6 +55,7 @@ Every choice is made on the defender's clean data; the true trigger is never use
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -287,6 +288,15 @@ class ONP(Defense):
         from ..onp.probes import create_probe
 
         o = self.options
+        seconds: dict[str, float] = {}  # wall time per stage, for the report
+        clock = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            seconds[stage] = round(now - clock, 3)
+            clock = now
+
         # -- 1. the clean data: probe half and held-out half ---------------------------------
         fit, held = self._split(clean)
 
@@ -297,12 +307,14 @@ class ONP(Defense):
 
         # -- 3. the trigger-free backdoor probe -----------------------------------------------
         probe = create_probe(o.probe, model, units, fit, held, o, seed=self.seed, progress=self.progress)
+        lap("probe")
 
         # -- 4. one graph per layer: nodes = channels, features incl. the probe's signal ------
         graphs = build_graphs(model, units, fit.x, fit.y, probe.signal(), probe.signal_names,
                               edge_rule=o.edge_rule, edge_quantile=o.edge_quantile,
                               edge_neighbours=o.edge_neighbours, dormant_ratio=o.dormant_ratio)
         graph_passes = 2  # activations and the clean Taylor term, one pass each over the fit half
+        lap("graphs")
 
         # -- 5. the environment: reward of a batch of prunings, in one batched evaluation -----
         accuracy = MaskEvaluator(model, units, held.x, held.y)
@@ -365,11 +377,13 @@ class ONP(Defense):
 
             history = train_ppo(policy, graphs, environment, config,
                                 seed=derive_seed(self.seed, "onp-ppo"), on_update=on_update)
+        lap("episodes")  # the agent's updates and every episode's reward (probe score included)
 
         # -- 7. final choice: best reward on the held-out half, within the accuracy guard -----
         probs = prune_probabilities(policy, graphs)
         confirm = MaskEvaluator(model, units, clean.x, clean.y) if o.confirm_on_all else None
         chosen, choice = self._choose(probs, history, measure, base, units.total, confirm)
+        lap("final_choice")
 
         # -- 8. prune for good ----------------------------------------------------------------
         pruned = units.pruned_list(chosen)
@@ -391,6 +405,7 @@ class ONP(Defense):
             "evaluations_by_part": {"probe": probe.evaluations, "reward_accuracy": accuracy.evaluations,
                                     "graph_features": graph_passes,
                                     "confirmation": confirm.evaluations if confirm else 0},
+            "seconds": seconds,
         }
         evaluations = sum(details["evaluations_by_part"].values())
         return RepairResult(model=repaired, method=self.name, pruned=pruned, evaluations=evaluations,
