@@ -559,3 +559,45 @@ def test_probe_input_finds_the_size_a_model_runs_on_or_says_what_to_set():
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     with pytest.raises(ConfigError, match="data-free X cannot tell .* no conv layer.*input_shape="):
         probe_input(mlp, "", "cpu", "data-free X")
+
+
+# -- channels-last copies for the reverses (engine/layout.py) -----------------------------------
+
+class _FlattenByView(nn.Module):
+    """A conv net that flattens with .view(), which channels-last strides forbid."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 2)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.fc(h.view(h.shape[0], -1))
+
+
+def test_channels_last_copy_computes_the_same_function_and_leaves_the_model_alone():
+    from trojanprune.engine.layout import channels_last_copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).train()
+    x = torch.rand(6, 3, 8, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = channels_last_copy(model, x[:2])
+    assert fast is not model
+    assert fast[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert model[0].weight.is_contiguous()  # the caller's model is not converted
+    assert model.training and fast.training  # modes kept, running statistics untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.eval(), fast.eval()
+    assert torch.allclose(model(x), fast(x), atol=1e-5)
+
+
+def test_channels_last_copy_falls_back_where_it_would_break_or_not_help():
+    from trojanprune.engine.layout import channels_last_copy
+
+    viewing = _FlattenByView()
+    assert channels_last_copy(viewing, torch.rand(2, 3, 8, 8)) is viewing  # .view() fails on the copy
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    assert channels_last_copy(mlp, torch.rand(2, 3, 2, 2)) is mlp  # no convolution to speed up

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..defenses.base import check_finite
+from ..engine.layout import channels_last_copy
 from ..errors import ConfigError
 from ..progress import progress_bar
 from ..utils import model_device
@@ -94,6 +95,7 @@ def synthesize(model: nn.Module, num_classes: int, image_shape, per_class: int =
     y = torch.arange(num_classes).repeat_interleave(per_class).to(device)
     x = torch.rand((len(y),) + shape, generator=gen).to(device).requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr, betas=(0.5, 0.9))
+    model = channels_last_copy(model, x.detach()[:8])  # same function, faster on CPU (engine/layout.py)
 
     layers = batchnorm_layers(model)
     warning = None

@@ -42,6 +42,7 @@ from torch import nn
 
 from ..defenses.base import check_finite
 from ..engine import MaskEvaluator, Units
+from ..engine.layout import channels_last_copy
 from ..engine.units import channel_dim
 from ..errors import ConfigError, DataError
 from ..progress import progress_bar
@@ -199,6 +200,7 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
     group = units[layer]
     module = group.hook_points[-1]
     dim = channel_dim(model.get_submodule(module))
+    model = channels_last_copy(model, x[:8])  # same function, faster on CPU (engine/layout.py)
     evaluator = MaskEvaluator(model, units, x)
     y = y.to(evaluator.device)
     k = num_classes

@@ -39,6 +39,7 @@ from torch import nn
 from ..defenses.base import check_finite
 from ..errors import ConfigError, DataError
 from ..progress import progress_bar
+from ..engine.layout import channels_last_copy
 from ..utils import model_device
 from .detect import ANOMALY_THRESHOLD, detect_outlier
 
@@ -133,6 +134,7 @@ def reverse_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cla
     device = torch.device(device) if device is not None else model_device(model)
     x = x.detach().to(device, torch.float32)
     y = y.detach().to(device, torch.long)
+    model = channels_last_copy(model, x[:8])  # same function, faster on CPU (engine/layout.py)
     n, c, h, w = x.shape
     k = num_classes
     classes = torch.arange(k, device=device)
