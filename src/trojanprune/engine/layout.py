@@ -5,7 +5,7 @@ fixed model over a batch of images. PyTorch's CPU convolutions (oneDNN) run thos
 the weights are stored channels-last (NHWC): with the model's weights converted, the
 convolutions take NHWC paths whatever the layout of the input. Measured on this project's
 2-core CPU (``benchmarks/layout_speed.py``, BENCHMARKS.md): one forward and backward pass over
-320 CIFAR-10 images, ``vgg_small`` 1.11 s -> 0.77 s, ``resnet20`` 1.22 s -> 0.90 s.
+320 CIFAR-sized images, ``vgg_small`` 1.06 s -> 0.71 s, ``resnet20`` 1.06 s -> 0.79 s.
 
 This is an implementation detail, no part of any method: the copy computes the same function,
 up to the order of floating-point sums (logits agree to ~1e-5 on the zoo models). Used only

@@ -1,0 +1,44 @@
+"""Wall time of each trigger reverse in ONP's default (``suspects``) probe, and what it flags.
+
+    TROJANPRUNE_DATA=../shared/datasets python benchmarks/probe_reverse_times.py \
+        benchmarks/zoo/cifar10-vgg_small-badnets --threads 2
+
+The defender's 500 clean training images (seed 0), split as ONP splits them; the pixel-space
+reverse on the fit half and the feature-space reverse at the two layers the probe uses, each
+with ONP's default options and seeds. The flags are the classes each reverse's MAD test names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from onp_inputs import onp_inputs
+from trojanprune.defenses.onp import Options
+from trojanprune.onp.probes import feature_reverse, pixel_reverse
+from trojanprune.reverse.feature import default_layer, last_conv_layer
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run")
+    ap.add_argument("--clean", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    options = Options()
+    case = onp_inputs(args.run, options, clean=args.clean, seed=args.seed)
+    start = time.perf_counter()
+    found = pixel_reverse(case.model, case.fit, options, args.seed, False)
+    print(f"pixel: {time.perf_counter() - start:.1f} s, {found.steps} steps, flags {found.flagged}", flush=True)
+    for layer in dict.fromkeys([default_layer(case.units), last_conv_layer(case.units)]):
+        start = time.perf_counter()
+        found = feature_reverse(case.model, case.units, case.fit, options, args.seed, False, layer)
+        print(f"feature {layer}: {time.perf_counter() - start:.1f} s, flags {found.flagged}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
