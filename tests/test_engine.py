@@ -592,6 +592,23 @@ def test_channels_last_copy_computes_the_same_function_and_leaves_the_model_alon
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     model.eval(), fast.eval()
     assert torch.allclose(model(x), fast(x), atol=1e-5)
+    assert channels_last_copy(fast, x[:2]) is fast  # converted already: no second copy
+
+
+def test_evaluator_runs_a_channels_last_copy_that_follows_the_live_weights():
+    model, x = make("vgg_small")
+    units = discover_units(model, x)
+    masks = (torch.rand(3, units.total, generator=torch.Generator().manual_seed(4)) > 0.2).float()
+    ev = MaskEvaluator(model, units, x)
+    assert torch.allclose(ev.logits(masks), naive_logits(model, units, x, masks), atol=1e-5)
+    assert ev._runner is not model  # the fast copy is in use ...
+    assert model.features[0].weight.is_contiguous()  # ... and the model itself is not converted
+    with torch.no_grad():  # a weight change anywhere must reach the copy
+        model.features[0].weight.mul_(-1)
+        [m for m in model.modules() if isinstance(m, nn.Linear)][-1].weight.mul_(2)
+    assert torch.allclose(ev.logits(masks), naive_logits(model, units, x, masks), atol=1e-5)
+    plain = MaskEvaluator(model, units, x, fast_layout=False)
+    assert torch.allclose(plain.logits(masks), ev.logits(masks), atol=1e-5) and plain._runner is model
 
 
 def test_channels_last_copy_falls_back_where_it_would_break_or_not_help():

@@ -6,6 +6,8 @@
 - :func:`apply_masks_permanently`: same structure, pruned channels zeroed in the weights.
 - :func:`export_pruned`: a smaller model with the pruned channels physically removed.
 - :class:`MaskEvaluator`: many masks on a fixed image set, batched and with prefix reuse.
+- :func:`~trojanprune.engine.layout.channels_last_copy`: a faster (channels-last, CPU) copy of a
+  model that computes the same function, for the passes of the reverses and the evaluator.
 
 Typical search::
 

@@ -28,6 +28,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import ConfigError, TrojanPruneError
+from .layout import channels_last_copy
 from .masks import ChannelMasks, MaskInput, as_group_masks, hook_specs, scale_channels
 from .units import Units
 
@@ -73,6 +74,12 @@ class MaskEvaluator:
         budget: optional cap on :attr:`evaluations`; exceeding it raises
             :class:`EvaluationBudgetExceeded` before any work is done.
         reuse_prefix: trace with torch.fx and cache mask-independent activations (default).
+        fast_layout: on the fx path on CPU, run the traced graph on a channels-last copy of the
+            model (:func:`~trojanprune.engine.layout.channels_last_copy`: the same function,
+            checked on the images, ~1.5x faster convolutions; the model itself is never
+            converted). The copy is remade whenever the model's weights change, so results
+            always follow the live weights. Default True; off, or wherever the copy would not
+            agree, the model runs as it is.
 
     Masks: a (M, units.total) or (units.total,) tensor, or a dict {group: (M, size) or
     (size,)} (missing groups = all ones). 1 keeps a unit, 0 removes it; values in between
@@ -85,7 +92,7 @@ class MaskEvaluator:
 
     def __init__(self, model: nn.Module, units: Units, images: torch.Tensor,
                  labels: torch.Tensor | None = None, *, chunk: int | None = None,
-                 budget: int | None = None, reuse_prefix: bool = True):
+                 budget: int | None = None, reuse_prefix: bool = True, fast_layout: bool = True):
         if not isinstance(images, torch.Tensor) or images.dim() < 2 or len(images) == 0:
             raise ConfigError("images must be a non-empty batched tensor (B, C, H, W)")
         if chunk is not None and chunk < 1:
@@ -103,6 +110,10 @@ class MaskEvaluator:
         self.evaluations = 0
         self._specs = hook_specs(model, units)
         self._modules = dict(model.named_modules())
+        self.fast_layout = fast_layout
+        # What the fx path executes: the model, or its channels-last copy (same module names).
+        self._runner: nn.Module = model
+        self._run_modules = self._modules
         self._graph: fx.Graph | None = None
         self._plans: dict[frozenset, _Plan] = {}
         self._meta: dict[fx.Node, str] | None = None
@@ -308,6 +319,11 @@ class MaskEvaluator:
         if fp != self._fingerprint:
             self._cache.clear()
             self._fingerprint = fp
+            # Called in eval mode, so the copy is made (and stays) in eval mode.
+            self._runner = (channels_last_copy(self.model, self.images[:8]) if self.fast_layout
+                            else self.model)
+            self._run_modules = (self._modules if self._runner is self.model
+                                 else dict(self._runner.named_modules()))
 
     def _node_meta(self) -> dict[fx.Node, str]:
         """Classify nodes: "batch" (tensor with the image batch first), "static" (does not
@@ -468,14 +484,14 @@ class MaskEvaluator:
     def _call(self, node: fx.Node, args, kwargs):
         op = node.op
         if op == "call_module":
-            return self._modules[node.target](*args, **kwargs)
+            return self._run_modules[node.target](*args, **kwargs)
         if op == "call_function":
             return node.target(*args, **kwargs)
         if op == "call_method":
             obj, *rest = args
             return getattr(obj, node.target)(*rest, **kwargs)
         if op == "get_attr":
-            obj = self.model
+            obj = self._runner
             for part in node.target.split("."):
                 obj = getattr(obj, part)  # live lookup: follows .to(device) and reassignment
             return obj

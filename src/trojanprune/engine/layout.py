@@ -1,7 +1,8 @@
 """A faster memory layout for the gradient-heavy optimizations: channels-last on CPU (ours).
 
 The trigger reverses and the data reverse run hundreds of forward and backward passes of one
-fixed model over a batch of images. PyTorch's CPU convolutions (oneDNN) run those faster when
+fixed model over a batch of images, and :class:`~trojanprune.engine.MaskEvaluator` thousands of
+forward passes of masked copies of it. PyTorch's CPU convolutions (oneDNN) run those faster when
 the weights are stored channels-last (NHWC): with the model's weights converted, the
 convolutions take NHWC paths whatever the layout of the input. Measured on this project's
 2-core CPU (``benchmarks/layout_speed.py``, BENCHMARKS.md): one forward and backward pass over
@@ -37,6 +38,9 @@ def channels_last_copy(model: nn.Module, sample: torch.Tensor) -> nn.Module:
             or model_device(model).type != "cpu"
             or not any(isinstance(m, nn.Conv2d) for m in model.modules())):
         return model
+    if all(m.weight.is_contiguous(memory_format=torch.channels_last)
+           for m in model.modules() if isinstance(m, nn.Conv2d)):
+        return model  # converted already (e.g. a copy made by this function): nothing to gain
     try:
         fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
     except Exception:  # noqa: BLE001 - a model that cannot be copied is simply used as it is
