@@ -78,8 +78,9 @@ class MaskEvaluator:
             model (:func:`~trojanprune.engine.layout.channels_last_copy`: the same function,
             checked on the images, ~1.5x faster convolutions; the model itself is never
             converted). The copy is remade whenever the model's weights change, so results
-            always follow the live weights. Default True; off, or wherever the copy would not
-            agree, the model runs as it is.
+            always follow the live weights; it is the evaluator's own (one model's memory per
+            evaluator). Default True; off, or wherever the copy would not agree, the model
+            runs as it is.
 
     Masks: a (M, units.total) or (units.total,) tensor, or a dict {group: (M, size) or
     (size,)} (missing groups = all ones). 1 keeps a unit, 0 removes it; values in between
