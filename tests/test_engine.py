@@ -609,6 +609,11 @@ def test_evaluator_runs_a_channels_last_copy_that_follows_the_live_weights():
     assert torch.allclose(ev.logits(masks), naive_logits(model, units, x, masks), atol=1e-5)
     plain = MaskEvaluator(model, units, x, fast_layout=False)
     assert torch.allclose(plain.logits(masks), ev.logits(masks), atol=1e-5) and plain._runner is model
+    # gradients asked of a model with trainable parameters come from the model itself
+    module = sorted(ev._specs)[-1]
+    ev.edited_logits(masks, module, lambda out, j0, j1: out).sum().backward()
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    assert last.weight.grad is not None and last.weight.grad.abs().sum() > 0
 
 
 def test_channels_last_copy_falls_back_where_it_would_break_or_not_help():

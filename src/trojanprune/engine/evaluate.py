@@ -79,8 +79,9 @@ class MaskEvaluator:
             checked on the images, ~1.5x faster convolutions; the model itself is never
             converted). The copy is remade whenever the model's weights change, so results
             always follow the live weights; it is the evaluator's own (one model's memory per
-            evaluator). Default True; off, or wherever the copy would not agree, the model
-            runs as it is.
+            evaluator). Calls with ``grad=True`` on a model with trainable parameters run the
+            model itself, so that gradients reach its parameters. Default True; off, or
+            wherever the copy would not agree, the model runs as it is.
 
     Masks: a (M, units.total) or (units.total,) tensor, or a dict {group: (M, size) or
     (size,)} (missing groups = all ones). 1 keeps a unit, 0 removes it; values in between
@@ -115,6 +116,7 @@ class MaskEvaluator:
         # What the fx path executes: the model, or its channels-last copy (same module names).
         self._runner: nn.Module = model
         self._run_modules = self._modules
+        self._live = False  # this call runs the model itself (see _evaluate)
         self._graph: fx.Graph | None = None
         self._plans: dict[frozenset, _Plan] = {}
         self._meta: dict[fx.Node, str] | None = None
@@ -194,6 +196,8 @@ class MaskEvaluator:
                 if self._graph is None:
                     return self._logits_hooks(group_masks, m, edit)
                 self._check_weights()
+                # Gradients for the model's own trainable parameters must come from the model.
+                self._live = grad and any(p.requires_grad for p in self.model.parameters())
                 return self._logits_fx(group_masks, m, edit)
         finally:
             for mod, flag in flags.items():
@@ -485,14 +489,14 @@ class MaskEvaluator:
     def _call(self, node: fx.Node, args, kwargs):
         op = node.op
         if op == "call_module":
-            return self._run_modules[node.target](*args, **kwargs)
+            return (self._modules if self._live else self._run_modules)[node.target](*args, **kwargs)
         if op == "call_function":
             return node.target(*args, **kwargs)
         if op == "call_method":
             obj, *rest = args
             return getattr(obj, node.target)(*rest, **kwargs)
         if op == "get_attr":
-            obj = self._runner
+            obj = self.model if self._live else self._runner
             for part in node.target.split("."):
                 obj = getattr(obj, part)  # live lookup: follows .to(device) and reassignment
             return obj
