@@ -29,25 +29,24 @@ from trojanprune.engine.layout import channels_last_copy
 from trojanprune.runs import load_run
 
 
-def seconds_per_pass(model, x, repeats: int) -> float:
-    shift = torch.zeros_like(x).requires_grad_(True)
+def median_seconds(call, repeats: int, warmup: int) -> float:
+    """Median wall time of ``call()`` over ``repeats`` runs after ``warmup`` untimed ones."""
     times = []
-    for i in range(repeats + 2):
+    for i in range(warmup + repeats):
         start = time.perf_counter()
-        torch.autograd.grad(model(x + shift).sum(), [shift])
-        if i >= 2:
+        call()
+        if i >= warmup:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
+def seconds_per_pass(model, x, repeats: int) -> float:
+    shift = torch.zeros_like(x).requires_grad_(True)
+    return median_seconds(lambda: torch.autograd.grad(model(x + shift).sum(), [shift]), repeats, warmup=2)
+
+
 def seconds_per_evaluation(evaluator, masks, repeats: int) -> float:
-    evaluator.logits(masks)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        evaluator.logits(masks)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(lambda: evaluator.logits(masks), repeats, warmup=1)
 
 
 def main():
