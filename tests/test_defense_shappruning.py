@@ -164,29 +164,51 @@ def test_single_class_model_is_refused():
     assert all(torch.equal(before[k], v) for k, v in one.state_dict().items())
 
 
-def test_feature_space_reverse_is_used_only_when_it_names_another_class(backdoor_case, few, repaired,
-                                                                        monkeypatch):
+def test_auto_follows_the_feature_reverse_only_where_neural_cleanse_is_silent_or_ambiguous(
+        backdoor_case, few, monkeypatch):
     import dataclasses
 
     import trojanprune.defenses.shappruning as shap
 
-    opts = dict(FAST, feature_steps=100)
-    # here the feature-space reverse flags nothing, so "auto" keeps the pixel trigger: the
-    # default's repair, plus the feature reverse's work
-    auto = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, reverse="auto", **opts)
-    assert auto.details["trigger_space"] == "pixel" and "feature_reverse" in auto.details
-    assert auto.pruned == repaired.pruned and auto.target == 0
-    assert auto.evaluations == repaired.evaluations + auto.details["evaluations"]["feature_reverse"]
-    # a feature-space flag on a class the pixel reverse does not name is followed: the game is
-    # played on the trigger written into that layer
-    original = shap.reverse_feature_triggers
-    monkeypatch.setattr(shap, "reverse_feature_triggers",
-                        lambda *a, **k: dataclasses.replace(original(*a, **k), target=3, flagged=[3]))
-    followed = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, reverse="auto", **opts)
-    assert followed.details["trigger_space"] == "feature" and followed.target == 3
-    assert followed.details["trigger"]["space"] == "feature"
-    assert "trigger_mask" not in followed.images and "unused_pixel_trigger_mask" in followed.images
-    assert followed.details["shapley"]["images"] == int((few.labels != 3).sum())
-    assert followed.pruned != repaired.pruned
+    # the reverses' verdicts are set by hand; short runs, since only the choice is checked
+    cheap = dict(FAST, reverse_steps=40, feature_steps=40, permutations=10, warmup=2)
+    pixel_reverse, feature_reverse = shap.reverse_triggers, shap.reverse_feature_triggers
+
+    def run(pixel_flags, feature_flags, **options):
+        def flag(result, flagged):
+            if flagged is None:
+                return result
+            target = min(flagged, key=lambda c: float(result.mask_norms[c])) if flagged else None
+            return dataclasses.replace(result, flagged=list(flagged), target=target)
+        monkeypatch.setattr(shap, "reverse_triggers", lambda *a, **k: flag(pixel_reverse(*a, **k), pixel_flags))
+        monkeypatch.setattr(shap, "reverse_feature_triggers",
+                            lambda *a, **k: dataclasses.replace(feature_reverse(*a, **k), flagged=feature_flags,
+                                                                target=feature_flags[0] if feature_flags else None))
+        return tp.repair(backdoor_case.model, few, method="shappruning", seed=0, **cheap, **options)
+
+    # Neural Cleanse flags one class: it decides, the feature reverse is not even run
+    one = run([0], [3])
+    assert one.details["trigger_space"] == "pixel" and one.target == 0
+    assert "skipped" in one.details["feature_reverse"] and "feature_reverse" not in one.details["evaluations"]
+    # it flags nothing: the feature reverse's flag is followed, its trigger written into its layer
+    silent = run([], [3])
+    assert silent.details["trigger_space"] == "feature" and silent.target == 3
+    assert silent.details["trigger"]["space"] == "feature"
+    assert "trigger_mask" not in silent.images and "unused_pixel_trigger_mask" in silent.images
+    assert silent.details["shapley"]["images"] == int((few.labels != 3).sum())
+    assert silent.evaluations > one.evaluations  # the feature reverse's work is counted
+    # it flags several: a feature flag on one of them (not its pick) is followed ...
+    pick = min([0, 3], key=lambda c: float(one.details["reverse"]["mask_norms"][c]))
+    other = 3 if pick == 0 else 0
+    ambiguous = run([0, 3], [other])
+    assert ambiguous.details["trigger_space"] == "feature" and ambiguous.target == other
+    # ... a feature flag that no pixel flag corroborates is not
+    uncorroborated = run([0, 3], [5])
+    assert uncorroborated.target == pick and uncorroborated.details["trigger_space"] == "pixel"
+    # nothing flagged anywhere: no backdoor detected
+    assert run([], []).verdict == "no backdoor detected"
+    # the paper's reverse alone never runs the feature reverse; "feature" always follows it
+    assert "feature_reverse" not in run([], [3], reverse="pixel").details
+    assert run([0], [3], reverse="feature").details["trigger_space"] == "feature"
     with pytest.raises(ConfigError, match="reverse must be one of"):
         tp.repair(backdoor_case.model, few, method="shappruning", reverse="both")

@@ -18,7 +18,9 @@ What is OUR reconstruction (the paper does not publish these details):
    running mean/var + total-variation and L2 priors (:func:`trojanprune.reverse.synthesize`).
    A model without BatchNorm falls back to confidence + priors with a ``RuntimeWarning``.
 2. Trigger reverse: Neural-Cleanse mask + pattern for every class, all classes in one batched
-   problem, adaptive cost schedule (:func:`trojanprune.reverse.reverse_triggers`).
+   problem, adaptive cost schedule (:func:`trojanprune.reverse.reverse_triggers`). By default
+   (``reverse="auto"``, ours) a feature-space reverse is consulted where Neural Cleanse's
+   verdict is silent or ambiguous (see ``Options.reverse``).
 3. Detection: MAD anomaly index of the mask L1 norms, threshold 2, low side only; the flagged
    class with the smallest norm is the target. No flagged class -> verdict "no backdoor
    detected" and the model is returned unpruned, unless ``force`` (then the class with the
@@ -105,12 +107,20 @@ class Options:
             Neural Cleanse).
         force: prune even when no backdoor is detected, treating the class with the smallest
             reversed mask as the target (False).
-        reverse: "pixel" (default: the paper's Neural-Cleanse-style reverse), "auto" (OURS: also
-            the feature-space reverse of :func:`trojanprune.reverse.reverse_feature_triggers`;
-            when it flags a class the pixel reverse does not name, its trigger, written into
-            that layer, is the game's trigger; the rule of ONP's ``auto`` probe) or "feature"
-            (OURS: the feature-space reverse only). Why: Neural Cleanse models a patch and
-            flags a wrong class on WaNet and SIG (BENCHMARKS.md).
+        reverse: "auto" (default, OURS), "pixel" (the paper's Neural-Cleanse-style reverse
+            alone) or "feature" (OURS: the feature-space reverse of
+            :func:`trojanprune.reverse.reverse_feature_triggers` alone). "auto" runs the
+            paper's reverse first; when its MAD test flags exactly one class, that is the
+            verdict and nothing else runs. When it flags no class or several, the feature-space
+            reverse is consulted on the same images, and its flag is followed (the game is
+            played on its trigger, written into its layer) when Neural Cleanse flags nothing, or
+            when it corroborates one of Neural Cleanse's flags other than its pick; a feature
+            flag that no pixel flag corroborates never overrules one. Why the default: Neural
+            Cleanse models a patch, and on a warping trigger its verdict is a knife edge that
+            moved with the order of floating-point sums: on the same WaNet model and 10 images
+            it flagged the target, a wrong class, or nothing on different machines, while the
+            feature reverse flagged the target each time (BENCHMARKS.md). Where Neural Cleanse
+            is unambiguous, "auto" is the paper's method at the paper's cost.
         feature_steps: Adam steps of the feature-space reverse (300, ours).
     Shapley estimation:
         layers: unit groups whose channels are the players: "last:N", "first:N", "all", or
@@ -158,7 +168,7 @@ class Options:
     success_threshold: float = 0.9
     anomaly_threshold: float = 2.0
     force: bool = False
-    reverse: str = "pixel"
+    reverse: str = "auto"
     feature_steps: int = 300
     layers: str = "last:2"
     kind: str = "conv"
@@ -284,7 +294,7 @@ class ShapPruning(Defense):
         images["trigger_stamp"] = (rev.masks[suspect] * rev.patterns[suspect]).clone()
         details["trigger"] = _trigger_summary(rev)
 
-        if o.reverse != "pixel":
+        if o.reverse == "feature" or (o.reverse == "auto" and len(rev.flagged) != 1):
             start = time.perf_counter()
             layer = default_layer(all_units)  # written where the players can prune it
             feature = reverse_feature_triggers(
@@ -294,12 +304,15 @@ class ShapPruning(Defense):
             seconds["feature_reverse"] = time.perf_counter() - start
             evals["feature_reverse"] = feature.evaluations
             details["feature_reverse"] = feature.summary()
-            if o.reverse == "feature" or (feature.target is not None and feature.target != rev.target):
+            if o.reverse == "feature" or _follow_feature(rev, feature):
                 rev = feature
                 for key in ("trigger_mask", "trigger_pattern", "trigger_stamp"):
                     # the pixel reverse's images are of another class; kept, named as unused
                     images[f"unused_pixel_{key}"] = images.pop(key)
                 details["trigger"] = _trigger_summary(rev, space="feature", layer=feature.layer)
+        elif o.reverse == "auto":
+            details["feature_reverse"] = {"skipped": f"the pixel-space reverse flags one class "
+                                          f"({rev.target}), so it decides"}
         details["trigger_space"] = "feature" if isinstance(rev, FeatureTriggers) else "pixel"
 
         result = RepairResult(model=model, method=self.name, verdict=rev.verdict,
@@ -365,6 +378,18 @@ class ShapPruning(Defense):
             details["evaluations"]["shapley_plain"] = details["shapley"]["evaluations_plain"]
         details["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
         return result
+
+
+def _follow_feature(pixel, feature) -> bool:
+    """``reverse="auto"``: is the feature-space reverse's flag followed instead of Neural
+    Cleanse's? Only where Neural Cleanse is silent (flags no class) or ambiguous (flags several
+    and picks another one than the class the feature reverse flags, which corroborates one of
+    them); a feature flag that no pixel flag corroborates does not overrule a pixel flag."""
+    if feature.target is None:
+        return False
+    if not pixel.flagged:
+        return True
+    return feature.target in pixel.flagged and feature.target != pixel.target
 
 
 def _trigger_summary(rev, **extra) -> dict:

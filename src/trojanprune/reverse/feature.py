@@ -20,8 +20,10 @@ half, cost 0.02, 300 steps; BENCHMARKS.md, "ONP's backdoor probes"): the target 
 BadNets (index 8.4) and WaNet (norm 0.8 vs a median of 5.5), where Neural Cleanse flags a wrong
 class. It is not a reliable detector on its own: on Blended those images flag class 8 (index
 7.2, a false positive) while ShapPruning's one image per class flags nothing; on SIG it flags
-the target and class 8 about equally. ONP's ``auto`` probe and
-ShapPruning's ``reverse="auto"`` combine it with the pixel-space reverse; neither is a default.
+the target and class 8 about equally. So it is never used alone by default: ONP's
+``suspects`` probe (the default) and ``auto`` probe combine it with the pixel-space reverse, and
+ShapPruning's ``reverse="auto"`` (the default) consults it only where Neural Cleanse flags no
+class or several, and follows it only where no pixel flag contradicts it.
 
 Choices (ours): all classes in one batched problem through the engine's
 :meth:`~trojanprune.engine.MaskEvaluator.edited_logits` (prefix reuse: only the layers from the

@@ -171,24 +171,25 @@ def reverse_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cla
                     xb, yb = x[idx], y[idx]
                 else:
                     xb, yb = x, y
-                b = len(xb)
+                # only (class, image) pairs where the image is not of the class: an image
+                # already of class k says nothing about k's trigger, so it is not run at all
+                pair_k, pair_i = (yb.unsqueeze(0) != classes.unsqueeze(1)).nonzero(as_tuple=True)
+                count = torch.bincount(pair_k, minlength=k).float().clamp_min(1)
                 mask = torch.tanh(mask_w) / 2 + 0.5
                 pattern = torch.tanh(pattern_w) / 2 + 0.5
-                stamped = (1 - mask).unsqueeze(1) * xb.unsqueeze(0) + (mask * pattern).unsqueeze(1)
                 with torch.enable_grad():
-                    logits = model(stamped.reshape(k * b, c, h, w)).reshape(k, b, -1)
-                    ce = F.cross_entropy(logits.reshape(k * b, -1), classes.repeat_interleave(b),
-                                         reduction="none").reshape(k, b)
-                    weight = (yb.unsqueeze(0) != classes.unsqueeze(1)).float()
-                    ce_k = (ce * weight).sum(1) / weight.sum(1).clamp_min(1)
+                    stamped = (1 - mask[pair_k]) * xb[pair_i] + (mask * pattern)[pair_k]
+                    logits = model(stamped)
+                    ce = F.cross_entropy(logits, pair_k, reduction="none")
+                    ce_k = torch.zeros(k, device=device).index_add(0, pair_k, ce) / count
                     l1 = mask.sum((1, 2, 3))
                     loss = (ce_k + cost * l1).sum()
                 check_finite(loss.detach(), "trigger reverse")
                 grads = torch.autograd.grad(loss, [mask_w, pattern_w])
                 evaluations += k
                 with torch.no_grad():
-                    hit = (logits.argmax(-1) == classes.unsqueeze(1)).float()
-                    success = (hit * weight).sum(1) / weight.sum(1).clamp_min(1)
+                    hit = (logits.argmax(-1) == pair_k).float()
+                    success = torch.zeros(k, device=device).index_add(0, pair_k, hit) / count
                     ok = success >= success_threshold
                     norms = l1.detach()
                     better = ok & (norms < best_norm)
