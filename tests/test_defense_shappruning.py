@@ -176,8 +176,6 @@ def test_auto_follows_the_feature_reverse_only_where_neural_cleanse_is_silent_or
 
     def run(pixel_flags, feature_flags, **options):
         def flag(result, flagged):
-            if flagged is None:
-                return result
             target = min(flagged, key=lambda c: float(result.mask_norms[c])) if flagged else None
             return dataclasses.replace(result, flagged=list(flagged), target=target)
         monkeypatch.setattr(shap, "reverse_triggers", lambda *a, **k: flag(pixel_reverse(*a, **k), pixel_flags))
@@ -196,7 +194,7 @@ def test_auto_follows_the_feature_reverse_only_where_neural_cleanse_is_silent_or
     assert silent.details["trigger"]["space"] == "feature"
     assert "trigger_mask" not in silent.images and "unused_pixel_trigger_mask" in silent.images
     assert silent.details["shapley"]["images"] == int((few.labels != 3).sum())
-    assert silent.evaluations > one.evaluations  # the feature reverse's work is counted
+    assert silent.details["evaluations"]["feature_reverse"] > 0  # its work is counted
     # it flags several: a feature flag on one of them (not its pick) is followed ...
     pick = min([0, 3], key=lambda c: float(one.details["reverse"]["mask_norms"][c]))
     other = 3 if pick == 0 else 0
