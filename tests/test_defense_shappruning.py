@@ -169,16 +169,22 @@ def test_auto_follows_the_feature_reverse_only_where_neural_cleanse_is_silent_or
     import dataclasses
 
     import trojanprune.defenses.shappruning as shap
+    from trojanprune.reverse import anomaly_index
 
     # the reverses' verdicts are set by hand; short runs, since only the choice is checked
     cheap = dict(FAST, reverse_steps=40, feature_steps=40, permutations=10, warmup=2)
     pixel_reverse, feature_reverse = shap.reverse_triggers, shap.reverse_feature_triggers
 
-    def run(pixel_flags, feature_flags, **options):
-        def flag(result, flagged):
-            target = min(flagged, key=lambda c: float(result.mask_norms[c])) if flagged else None
-            return dataclasses.replace(result, flagged=list(flagged), target=target)
-        monkeypatch.setattr(shap, "reverse_triggers", lambda *a, **k: flag(pixel_reverse(*a, **k), pixel_flags))
+    def run(pixel_flags, feature_flags, pixel_norms=None, **options):
+        def flag(result):
+            sizes = {}
+            if pixel_norms is not None:
+                norms = torch.tensor(pixel_norms)
+                sizes = dict(mask_norms=norms, anomaly_index=anomaly_index(norms))
+            norms = sizes.get("mask_norms", result.mask_norms)
+            target = min(pixel_flags, key=lambda c: float(norms[c])) if pixel_flags else None
+            return dataclasses.replace(result, flagged=list(pixel_flags), target=target, **sizes)
+        monkeypatch.setattr(shap, "reverse_triggers", lambda *a, **k: flag(pixel_reverse(*a, **k)))
         monkeypatch.setattr(shap, "reverse_feature_triggers",
                             lambda *a, **k: dataclasses.replace(feature_reverse(*a, **k), flagged=feature_flags,
                                                                 target=feature_flags[0] if feature_flags else None))
@@ -188,13 +194,19 @@ def test_auto_follows_the_feature_reverse_only_where_neural_cleanse_is_silent_or
     one = run([0], [3])
     assert one.details["trigger_space"] == "pixel" and one.target == 0
     assert "skipped" in one.details["feature_reverse"] and "feature_reverse" not in one.details["evaluations"]
-    # it flags nothing: the feature reverse's flag is followed, its trigger written into its layer
-    silent = run([], [3])
+    # it flags nothing but leans the same way (class 3's mask below the median, index 1.2): the
+    # feature reverse's flag is followed, its trigger written into its layer
+    leaning = [10, 11, 12, 8.5, 13, 9, 10.5, 11.5, 12.5, 9.5]
+    assert 1 <= float(anomaly_index(torch.tensor(leaning))[3]) < 2
+    silent = run([], [3], pixel_norms=leaning)
     assert silent.details["trigger_space"] == "feature" and silent.target == 3
     assert silent.details["trigger"]["space"] == "feature"
     assert "trigger_mask" not in silent.images and "unused_pixel_trigger_mask" in silent.images
     assert silent.details["shapley"]["images"] == int((few.labels != 3).sum())
     assert silent.details["evaluations"]["feature_reverse"] > 0  # its work is counted
+    # a lone feature flag, on a class whose pixel mask is typical, is not followed
+    typical = run([], [3], pixel_norms=[10, 11, 12, 10.8, 13, 9, 10.5, 11.5, 12.5, 9.5])
+    assert typical.verdict == "no backdoor detected" and typical.details["trigger_space"] == "pixel"
     # it flags several: a feature flag on one of them (not its pick) is followed ...
     pick = min([0, 3], key=lambda c: float(one.details["reverse"]["mask_norms"][c]))
     other = 3 if pick == 0 else 0

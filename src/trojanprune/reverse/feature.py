@@ -23,7 +23,7 @@ class. It is not a reliable detector on its own: on Blended those images flag cl
 the target and class 8 about equally. So it is never used alone by default: ONP's
 ``suspects`` probe (the default) and ``auto`` probe combine it with the pixel-space reverse, and
 ShapPruning's ``reverse="auto"`` (the default) consults it only where Neural Cleanse flags no
-class or several, and follows it only where no pixel flag contradicts it.
+class or several, and follows it only where Neural Cleanse's own mask sizes agree.
 
 Choices (ours): all classes in one batched problem through the engine's
 :meth:`~trojanprune.engine.MaskEvaluator.edited_logits` (prefix reuse: only the layers from the
