@@ -120,8 +120,8 @@ class Options:
             Cleanse models a patch, and on a warping trigger its verdict is a knife edge that
             moved with the order of floating-point sums: on the same WaNet model and 10 images
             it flagged the target, a wrong class, or nothing on different machines, while the
-            feature reverse flagged the target each time (BENCHMARKS.md). Where Neural Cleanse
-            is unambiguous, "auto" is the paper's method at the paper's cost.
+            feature reverse flagged the target both times it was run there (BENCHMARKS.md).
+            Where Neural Cleanse is unambiguous, "auto" is the paper's method at its cost.
         feature_steps: Adam steps of the feature-space reverse (300, ours).
     Shapley estimation:
         layers: unit groups whose channels are the players: "last:N", "first:N", "all", or
