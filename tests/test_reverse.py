@@ -175,7 +175,9 @@ def test_feature_reverse_writes_working_triggers(backdoor_case):
     assert rev.masks.shape == (10, units[rev.layer].size) and rev.values.min() >= 0
     assert rev.masks.min() >= 0 and rev.masks.max() <= 1
     assert torch.allclose(rev.mask_norms, rev.masks.sum(1))
-    assert rev.evaluations == 10 * rev.steps + 11  # one pass to scale the values, the steps, a final check
+    # one pass to scale the values, two to see whether a ReLU follows, the steps, a final check
+    assert rev.evaluations == 10 * rev.steps + 13
+    assert rev.rectify is True and rev.channels is None  # a ReLU CNN: every BN output is rectified next
     assert bool((rev.attack_success >= 0.9).all())
     json.dumps(rev.summary())
     # the written-in trigger sends the other classes' images to its class ...
@@ -192,3 +194,56 @@ def test_feature_reverse_writes_working_triggers(backdoor_case):
         reverse_feature_triggers(model, units, x, y, 10, layer="nope", steps=1)
     with pytest.raises(DataError):
         reverse_feature_triggers(model, units, x[y == 3], y[y == 3], 10, steps=1)
+
+
+class _DenseGelu(nn.Module):
+    """A DenseNet-style concatenation, a GELU after the last BatchNorm and a linear head with a
+    LayerNorm: the shapes on which the feature reverse once wrote the wrong channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv = nn.Conv2d(6, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(10)
+        self.fc1 = nn.Linear(10, 16)
+        self.norm = nn.LayerNorm(16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.nn.functional.gelu(self.bn(torch.cat([x, self.conv(x)], 1)))
+        return self.fc2(torch.nn.functional.gelu(self.norm(self.fc1(x.mean((2, 3))))))
+
+
+@pytest.mark.parametrize("layer", ["conv", "fc1"])
+def test_feature_reverse_writes_only_the_groups_channels_and_leaves_other_activations(layer):
+    """After a concatenation a group owns only some channels of its hook point; on a linear
+    layer the channels are the last dim; where no ReLU follows, nothing is rectified, so a
+    trigger with an all-zero mask leaves the model exactly as it is."""
+    from trojanprune.engine import MaskEvaluator, discover_units
+    from trojanprune.reverse import reverse_feature_triggers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_DenseGelu()).eval()
+    x, y = torch.rand(12, 3, 8, 8), torch.arange(12) % 3
+    units = discover_units(model, x[:1])
+    group = units[f"0.{layer}"]
+    rev = reverse_feature_triggers(model, units, x, y, 3, layer=group.name, steps=3, seed=0)
+    assert rev.masks.shape == (3, group.size)
+    assert rev.rectify is False  # GELU follows both hook points
+    if layer == "conv":  # the conv's 4 channels are 6-9 of the BatchNorm that reads the concat
+        assert rev.module == "0.bn" and rev.channels == (6, 7, 8, 9)
+    ev = MaskEvaluator(model, units, x)
+    ones = torch.ones(1, units.total)
+    zero = torch.zeros_like(rev.masks)
+    from trojanprune.reverse.feature import writer
+    untouched = ev.edited_logits(ones, rev.module, writer(zero, rev.values, rev.channel_dim, rev.rectify,
+                                                          0, rev.channels), grad=False)
+    assert torch.allclose(untouched, ev.logits(ones), atol=1e-6)
+    # a full mask changes only the group's channels: with the group pruned it changes nothing
+    full = torch.ones_like(rev.masks)
+    pruned = ones.clone()
+    pruned[0, units.offset(group.name):units.offset(group.name) + group.size] = 0
+    written = ev.edited_logits(pruned, rev.module, writer(full, rev.values, rev.channel_dim, rev.rectify,
+                                                          0, rev.channels), grad=False)
+    assert torch.allclose(written, ev.logits(pruned), atol=1e-6)

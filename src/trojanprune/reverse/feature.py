@@ -69,6 +69,10 @@ class FeatureTriggers:
     flagged: list[int] = field(default_factory=list)
     threshold: float = ANOMALY_THRESHOLD
     rectify: bool = True
+    # the module channels that carry the group's channels, in group order; None = all of them
+    # (they differ after a concatenation: a DenseNet layer's 8 channels are 16-23 of the
+    # BatchNorm that reads the concatenated tensor)
+    channels: tuple[int, ...] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -86,7 +90,7 @@ class FeatureTriggers:
     def edit(self, classes):
         """An ``edit`` for :meth:`MaskEvaluator.edited_logits`: mask j writes the trigger of
         ``classes[j]`` (an int applies one class's trigger under every mask)."""
-        return writer(self.masks, self.values, self.channel_dim, self.rectify, classes)
+        return writer(self.masks, self.values, self.channel_dim, self.rectify, classes, self.channels)
 
     def summary(self) -> dict:
         return {"verdict": self.verdict, "target": self.target, "flagged": list(self.flagged),
@@ -98,10 +102,11 @@ class FeatureTriggers:
 
 
 def write(out: torch.Tensor, m: torch.Tensor, v: torch.Tensor, dim: int,
-          rectify: bool = True) -> torch.Tensor:
+          rectify: bool = True, channels=None) -> torch.Tensor:
     """``(1 - m) * relu(out) + m * v`` for ``out`` (J, b, ...) and per-channel ``m``, ``v``
     (J, C) or (C,); ``dim`` is the channel dimension of the module's output (without the J
-    axis). ``rectify=False``: ``(1 - m) * out + m * v``.
+    axis). ``rectify=False``: ``(1 - m) * out + m * v``. ``channels``: the C module channels
+    written, in order (None: all of them); the others are left as they are.
 
     Why rectify: hook points are BatchNorm outputs, and in most CNNs a ReLU follows. Mixing the
     rectified value is injecting after the ReLU, where a channel that is off is switched on by
@@ -110,25 +115,54 @@ def write(out: torch.Tensor, m: torch.Tensor, v: torch.Tensor, dim: int,
     A one-off check during development on the SIG zoo model (10 images per class, 300 steps;
     not a committed benchmark): rectified, the target's norm was an outlier (3.6 vs a median of
     4.7, index 2.4); unrectified it was not (5.1 vs 4.9).
-    In a ReLU network ``m = 0`` changes nothing either way.
+    In a ReLU network ``m = 0`` changes nothing either way. Where no ReLU follows (GELU, SiLU,
+    a transformer's residual stream) rectifying alone changes the model, so
+    :func:`reverse_feature_triggers` rectifies only where it does not (:func:`relu_follows`).
     """
+    axis = dim + 1 if dim >= 0 else out.dim() + dim
+    if channels is not None:
+        index = torch.as_tensor(channels, dtype=torch.long, device=out.device)
+        part = write(out.index_select(axis, index), m, v, dim, rectify)
+        return out.index_copy(axis, index, part)
     if m.dim() == 1:
         m, v = m.expand(out.shape[0], -1), v.expand(out.shape[0], -1)
     shape = [out.shape[0]] + [1] * (out.dim() - 1)
-    shape[dim + 1] = out.shape[dim + 1]
+    shape[axis] = out.shape[axis]
     m, v = m.reshape(shape), v.reshape(shape)
     return (1 - m) * (out.clamp_min(0) if rectify else out) + m * v
 
 
-def writer(masks: torch.Tensor, values: torch.Tensor, dim: int, rectify: bool, classes=None):
+def writer(masks: torch.Tensor, values: torch.Tensor, dim: int, rectify: bool, classes=None,
+           channels=None):
     """An ``edit`` for :meth:`MaskEvaluator.edited_logits` that writes class triggers
-    (``masks``, ``values``: (K, C)): mask j writes ``classes[j]``'s, one class's under every
-    mask for an int, class j's when ``classes`` is None."""
+    (``masks``, ``values``: (K, C)) into ``channels`` (see :func:`write`): mask j writes
+    ``classes[j]``'s, one class's under every mask for an int, class j's when ``classes`` is
+    None."""
     def fn(out: torch.Tensor, j0: int, j1: int) -> torch.Tensor:
         idx = slice(j0, j1) if classes is None else classes if isinstance(classes, int) else classes[j0:j1]
         m, v = masks[idx].to(out.device, out.dtype), values[idx].to(out.device, out.dtype)
-        return write(out, m, v, dim, rectify)
+        return write(out, m, v, dim, rectify, channels)
     return fn
+
+
+def relu_follows(evaluator: MaskEvaluator, total: int, module: str, dim: int, channels=None,
+                 tolerance: float = 1e-4) -> bool:
+    """Whether rectifying ``module``'s output (at ``channels``, None = all) leaves the model's
+    logits on the evaluator's images unchanged, i.e. a ReLU (or ReLU6, or a max-pool of a
+    ReLU) already follows it on every path. Measured rather than read from the module types,
+    so functional activations and any model are covered. ``tolerance``: relative to the
+    largest logit."""
+    def rectified(out: torch.Tensor, j0: int, j1: int) -> torch.Tensor:
+        if channels is None:
+            return out.clamp_min(0)
+        axis = dim + 1 if dim >= 0 else out.dim() + dim
+        index = torch.as_tensor(channels, dtype=torch.long, device=out.device)
+        return out.index_copy(axis, index, out.index_select(axis, index).clamp_min(0))
+
+    ones = torch.ones(total)
+    plain = evaluator.logits(ones)
+    edited = evaluator.edited_logits(ones, module, rectified, grad=False)
+    return float((edited - plain).abs().max()) <= tolerance * (float(plain.abs().max()) + 1e-12)
 
 
 def _conv_groups(units: Units) -> list:
@@ -177,7 +211,7 @@ def detect_working(norms: torch.Tensor, success: torch.Tensor,
 def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y: torch.Tensor,
                              num_classes: int, *, layer: str | None = None, steps: int = 300,
                              lr: float = 0.1, cost: float = 0.02, seed: int = 0,
-                             progress: bool = False, rectify: bool = True,
+                             progress: bool = False, rectify: bool | str = "auto",
                              anomaly_threshold: float = ANOMALY_THRESHOLD) -> FeatureTriggers:
     """Reverse a feature-space trigger for every class (see the module docstring).
 
@@ -187,7 +221,9 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
         x, y: images in [0, 1] and labels; every step uses all of them (10 per class is what
             the measurements above used; one per class also found WaNet's target).
         steps, lr, cost: Adam steps and learning rate, the L1 cost on the channel mask.
-        rectify: mix after the layer's ReLU (see :func:`write`).
+        rectify: mix after the layer's ReLU (see :func:`write`); "auto" (default): only where
+            a ReLU follows the layer (:func:`relu_follows`), so that writing nothing leaves any
+            model as it is.
     """
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ConfigError(f"trigger reverse needs a model with at least 2 classes, got {num_classes}")
@@ -214,15 +250,29 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
     # Scale of each channel: its largest clean activation, so a value of 1 means "as strongly
     # as it ever fires on clean data" whatever the layer's units.
     peak = torch.zeros((), device=evaluator.device)
+    width = 0
 
     def record(out, j0, j1):
-        nonlocal peak
-        per_channel = out.clamp_min(0).movedim(dim + 1, -1).reshape(-1, out.shape[dim + 1]).amax(0)
+        nonlocal peak, width
+        axis = dim + 1 if dim >= 0 else out.dim() + dim  # ``out`` has the mask axis in front
+        width = out.shape[axis]
+        per_channel = out.clamp_min(0).movedim(axis, -1).reshape(-1, width).amax(0)
         peak = torch.maximum(peak, per_channel)
         return out
 
     evaluator.edited_logits(torch.ones(units.total), module, record, grad=False)
+    # Only the group's own channels are written; after a concatenation the hook point carries
+    # other groups' channels too, which the trigger must leave alone.
+    channels = tuple(group.channels_at(module))
+    if channels == tuple(range(width)):
+        channels = None
+    else:
+        peak = peak[list(channels)]
     scale = peak.clamp_min(1e-6 * float(peak.max()) + 1e-12)
+    if rectify == "auto":
+        rectify = relu_follows(evaluator, units.total, module, dim, channels)
+    elif not isinstance(rectify, bool):
+        raise ConfigError(f"rectify must be true, false or 'auto', got {rectify!r}")
     c = scale.numel()
     gen = torch.Generator().manual_seed(int(seed))
     init = torch.full((k, c), -2.0) + 0.1 * torch.randn(k, c, generator=gen)  # masks start near 0.12
@@ -240,7 +290,7 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
         task = bar.add_task("feature trigger reverse", total=steps)
         for run in range(1, steps + 1):
             m, v = current()
-            logits = evaluator.edited_logits(ones, module, writer(m, v, dim, rectify))
+            logits = evaluator.edited_logits(ones, module, writer(m, v, dim, rectify, None, channels))
             ce = F.cross_entropy(logits.reshape(k * len(x), -1), labels, reduction="none").reshape(k, -1)
             loss = ((ce * weight).sum(1) / weight.sum(1) + cost * m.sum(1)).sum()
             check_finite(loss.detach(), "feature trigger reverse")
@@ -251,7 +301,7 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
             bar.advance(task)
     with torch.no_grad():
         m, v = current()
-        logits = evaluator.edited_logits(ones, module, writer(m, v, dim, rectify), grad=False)
+        logits = evaluator.edited_logits(ones, module, writer(m, v, dim, rectify, None, channels), grad=False)
         success = ((logits.argmax(-1) == classes.unsqueeze(1)).float() * weight).sum(1) / weight.sum(1)
         norms = m.sum(1)
     detection = detect_working(norms.cpu(), success.cpu(), anomaly_threshold)
@@ -260,7 +310,7 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
                            attack_success=success.cpu(), anomaly_index=detection.anomaly_index,
                            target=detection.target, evaluations=evaluator.evaluations, steps=run,
                            flagged=detection.flagged, threshold=detection.threshold,
-                           rectify=rectify)
+                           rectify=rectify, channels=channels)
 
 
 __all__ = ["FeatureTriggers", "WORKING_SUCCESS", "default_layer", "detect_working", "last_conv_layer",
