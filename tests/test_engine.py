@@ -390,6 +390,48 @@ def test_odd_model_masks_export_and_evaluator():
     assert torch.allclose(ev.logits(masks), naive_logits(model, units, x, masks), atol=1e-5)
 
 
+class _CrossChannelNorms(nn.Module):
+    """GroupNorm after a biased conv, a depthwise conv feeding a LayerNorm over channels
+    (ConvNeXt), a LayerNorm after a linear: norms whose statistics mix channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.ln2d = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 12)
+        self.ln = nn.LayerNorm(12)
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x):
+        x = F.silu(self.gn(self.conv(x)))
+        x = x + self.ln2d(self.dw(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.head(F.gelu(self.ln(self.fc(x.mean((2, 3))))))
+
+
+def test_permanent_zeroing_keeps_groupnorm_and_layernorm_statistics():
+    """The repaired model must compute what the defense measured with masks. A channel masked
+    at the hook points still enters a GroupNorm's or LayerNorm's statistics; zeroing its
+    producer too would shift every other channel of that norm."""
+    torch.manual_seed(0)
+    model = _CrossChannelNorms().eval()
+    for m in model.modules():
+        if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
+            nn.init.normal_(m.weight, 1, 0.3)
+            nn.init.normal_(m.bias, 0, 0.3)
+    x = torch.rand(5, 3, 6, 6)
+    units = discover_units(model, x[:1])
+    for seed in range(4):
+        keep = (torch.rand(units.total, generator=torch.Generator().manual_seed(seed)) > 0.4).float()
+        with torch.no_grad():
+            with ChannelMasks(model, units, keep):
+                masked = model(x)
+            permanent = apply_masks_permanently(model, units, units.pruned_list(keep)).eval()(x)
+        assert (masked - model(x)).abs().max() > 1e-3
+        assert torch.allclose(masked, permanent, atol=1e-5), float((masked - permanent).abs().max())
+
+
 def test_export_refuses_whole_group():
     model, x = make("vgg_small")
     units = discover_units(model, x)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, TrojanPruneError
-from .units import Pruned, Units, channel_dim
+from .units import _NORM as _NORM_TYPES, _PRODUCER as _PRODUCER_TYPES, Pruned, Units, channel_dim
 
 MaskInput = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 
@@ -186,6 +186,9 @@ def apply_masks_permanently(model: nn.Module, units: Units, pruned: Pruned) -> n
     whatever the input) and its running mean/var reset to 0/1 (so an affine-free BatchNorm
     of the now-zero input is 0 too). The copy therefore computes what the masked model
     computes, and weight-based criteria see the filters as pruned. ``model`` is untouched.
+    A group with a GroupNorm or LayerNorm among its mask points is zeroed at its hook points
+    only (see :func:`_hook_points_only`), so that the norm's statistics stay those of the
+    masked model.
 
     ``pruned``: (group, channel) pairs, a dict group -> bool tensor or channels, or a flat bool
     tensor of length ``units.total``.
@@ -195,11 +198,38 @@ def apply_masks_permanently(model: nn.Module, units: Units, pruned: Pruned) -> n
     with torch.no_grad():
         for name, chans in chosen.items():
             g = units[name]
-            for point, mapping in zip(g.mask_points, g.point_channels):
+            points = _hook_points_only(new, g) or g.mask_points
+            for point in points:
                 module = new.get_submodule(point)
+                mapping = g.channels_at(point)
                 idx = torch.tensor([mapping[c] for c in chans], dtype=torch.long)
                 _zero_channels(module, idx, point)
     return new
+
+
+def _hook_points_only(model: nn.Module, group) -> tuple[str, ...] | None:
+    """The group's hook points, where a group normalized ACROSS channels (GroupNorm, LayerNorm)
+    must be zeroed; None: zero every mask point.
+
+    Why: masks act at the hook points, so a masked channel still enters the statistics of a
+    GroupNorm or LayerNorm it passes before them. Zeroing its producer as well would change
+    those statistics, and with them every other channel of the norm: the repaired model would
+    not compute what the defense measured (on a GroupNorm+SiLU network, up to 0.16 in the
+    logits). Zeroing the hook points alone reproduces the masked model exactly, provided each
+    can output zeros by its own parameters (a conv or linear, or a norm with affine weight and
+    bias); otherwise every mask point is zeroed, as for BatchNorm networks, whose per-channel
+    statistics do not mix channels.
+    """
+    modules = [model.get_submodule(p) for p in group.mask_points]
+    if not any(isinstance(m, (nn.GroupNorm, nn.LayerNorm)) for m in modules):
+        return None
+    for point in group.hook_points:
+        m = model.get_submodule(point)
+        if isinstance(m, _NORM_TYPES) and (getattr(m, "weight", None) is None or getattr(m, "bias", None) is None):
+            return None
+        if not isinstance(m, _NORM_TYPES + _PRODUCER_TYPES):
+            return None
+    return tuple(group.hook_points)
 
 
 def _zero_channels(module: nn.Module, idx: torch.Tensor, name: str) -> None:
