@@ -33,6 +33,7 @@ def test_unknown_method_lists_valid(small):
     (lambda x, y: (x[:3], y[:3]), "at least"),
     (lambda x, y: (x, y + 10), r"labels must be in 0\.\.9"),
     (lambda x, y: (x * 255, y), r"floats in \[0, 1\]"),
+    (lambda x, y: ((x - 0.5) / 0.25, y), r"normalization in front: .*Normalize\(mean, std\)"),
     (lambda x, y: (x[:, 0], y), "4-D"),
     (lambda x, y: (x, y[:5]), "labels"),
     (lambda x, y: (torch.rand(40, 3, 16, 16), y), "cannot run on the clean images"),

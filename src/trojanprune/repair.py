@@ -102,7 +102,10 @@ def to_clean_data(clean, num_classes: int, device) -> CleanData | None:
     lo, hi = x.min().item(), x.max().item()
     if lo < -1e-4 or hi > 1 + 1e-4:
         raise DataError(f"clean images must be floats in [0, 1] (normalization is part of the "
-                        f"model); got values in [{lo:.3g}, {hi:.3g}]")
+                        f"model); got values in [{lo:.3g}, {hi:.3g}]. If your model expects "
+                        f"normalized inputs, pass the raw images and the model with its "
+                        f"normalization in front: nn.Sequential(trojanprune.models.Normalize(mean, "
+                        f"std), model)")
     y = y.long()
     if y.min() < 0 or y.max() >= num_classes:
         raise DataError(f"clean labels must be in 0..{num_classes - 1} (the model has "
