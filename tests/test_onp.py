@@ -586,3 +586,40 @@ def test_options_from_cli_strings(backdoor_case):
     assert make_options(Options, {"confirm_on_all": "off"}, "onp").confirm_on_all is False
     with pytest.raises(ConfigError, match="confirm_on_all of onp is true or false, got 'maybe'"):
         make_options(Options, {"confirm_on_all": "maybe"}, "onp")
+
+
+class _Dense(torch.nn.Module):
+    """DenseNet-style: a layer's channels are a slice of the BatchNorm that reads the concat."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = torch.nn.Conv2d(8, 6, 3, padding=1)
+        self.bn1 = torch.nn.BatchNorm2d(14)
+        self.conv2 = torch.nn.Conv2d(14, 6, 3, padding=1)
+        self.bn2 = torch.nn.BatchNorm2d(20)
+        self.fc = torch.nn.Linear(20, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.bn1(torch.cat([x, self.conv1(x)], 1)))
+        x = torch.relu(self.bn2(torch.cat([x, self.conv2(x)], 1)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_feature_probes_run_on_a_concatenating_model():
+    """The feature reverse writes into a BatchNorm that also carries other layers' channels
+    (here the three-quarter layer is the last conv group, so the suspects probe runs it once);
+    the feature-trigger probe's signal is per unit. It once wrote all 20 channels of ``bn2``
+    and failed to fill conv2's 6-unit signal column."""
+    torch.manual_seed(0)
+    model = _Dense().eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(60, 3, 8, 8, generator=g), torch.arange(60) % 10
+    for probe_name in ("suspects", "feature-trigger"):
+        result = tp.repair(model, (x, y), method="onp", probe=probe_name, episodes=16,
+                           reverse_steps=5, feature_steps=5, feature_per_class=3)
+        assert result.details["probe"]["feature_reverse"]["layer"] == "conv2"
+    signal = dict(zip(result.details["node_features"], range(99)))
+    assert "feature_trigger_mask" in signal
+    assert sum(len(p) for p in result.details["policy_prune_probability"].values()) == 8 + 6 + 6
