@@ -119,7 +119,7 @@ def write(out: torch.Tensor, m: torch.Tensor, v: torch.Tensor, dim: int,
     a transformer's residual stream) rectifying alone changes the model, so
     :func:`reverse_feature_triggers` rectifies only where it does not (:func:`relu_follows`).
     """
-    axis = dim + 1 if dim >= 0 else out.dim() + dim
+    axis = _axis(out, dim)
     if channels is not None:
         index = torch.as_tensor(channels, dtype=torch.long, device=out.device)
         part = write(out.index_select(axis, index), m, v, dim, rectify)
@@ -153,16 +153,18 @@ def relu_follows(evaluator: MaskEvaluator, total: int, module: str, dim: int, ch
     so functional activations and any model are covered. ``tolerance``: relative to the
     largest logit."""
     def rectified(out: torch.Tensor, j0: int, j1: int) -> torch.Tensor:
-        if channels is None:
-            return out.clamp_min(0)
-        axis = dim + 1 if dim >= 0 else out.dim() + dim
-        index = torch.as_tensor(channels, dtype=torch.long, device=out.device)
-        return out.index_copy(axis, index, out.index_select(axis, index).clamp_min(0))
+        zero = out.new_zeros(len(channels) if channels is not None else out.shape[_axis(out, dim)])
+        return write(out, zero, zero, dim, True, channels)  # mask 0: relu(out) alone
 
     ones = torch.ones(total)
     plain = evaluator.logits(ones)
     edited = evaluator.edited_logits(ones, module, rectified, grad=False)
     return float((edited - plain).abs().max()) <= tolerance * (float(plain.abs().max()) + 1e-12)
+
+
+def _axis(out: torch.Tensor, dim: int) -> int:
+    """The channel axis of an edit's ``out``, which has the mask axis in front."""
+    return dim + 1 if dim >= 0 else out.dim() + dim
 
 
 def _conv_groups(units: Units) -> list:
@@ -254,7 +256,7 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
 
     def record(out, j0, j1):
         nonlocal peak, width
-        axis = dim + 1 if dim >= 0 else out.dim() + dim  # ``out`` has the mask axis in front
+        axis = _axis(out, dim)
         width = out.shape[axis]
         per_channel = out.clamp_min(0).movedim(axis, -1).reshape(-1, width).amax(0)
         peak = torch.maximum(peak, per_channel)
