@@ -665,3 +665,42 @@ def test_channels_last_copy_falls_back_where_it_would_break_or_not_help():
     assert channels_last_copy(viewing, torch.rand(2, 3, 8, 8)) is viewing  # .view() fails on the copy
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
     assert channels_last_copy(mlp, torch.rand(2, 3, 2, 2)) is mlp  # no convolution to speed up
+
+
+@pytest.mark.parametrize("arch", ["densenet", "senet", "shufflenet", "convnext", "vit", "inception",
+                                  "bn1d_64px"])
+def test_odd_architectures_evaluated_hooked_and_zeroed_alike(arch):
+    """On constructs our zoo lacks (concatenation, SE gates, channel shuffle, LayerNorm on
+    channels-last tensors, attention), the batched evaluator, the hooked model and the
+    repaired (zeroed) copy compute the same function for every pruning, so what a defense
+    measures is what it delivers."""
+    from odd_models import ARCHS as ODD
+
+    import warnings
+    cls, side = ODD[arch]
+    torch.manual_seed(0)
+    model = cls()
+    x = torch.rand(6, 3, side, side)
+    model.train()
+    with torch.no_grad():
+        model(x)  # BatchNorm statistics of the data, not the identity
+    model.eval()
+    _randomize_norms(model)
+    with torch.no_grad():  # and affine LayerNorms that do not map a zero channel to zero
+        for m in model.modules():
+            if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+                m.weight.normal_(1, 0.3)
+                m.bias.normal_(0, 0.3)
+    units = discover_units(model, x[:1])
+    masks = (torch.rand(3, units.total, generator=torch.Generator().manual_seed(5)) > 0.3).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.fx cannot trace the ViT: the slower path is fine
+        fast = MaskEvaluator(model, units, x).logits(masks)
+    for j in range(len(masks)):
+        with torch.no_grad():
+            with ChannelMasks(model, units, masks[j]):
+                hooked = model(x)
+            zeroed = apply_masks_permanently(model, units, units.pruned_list(masks[j])).eval()(x)
+        assert (hooked - model(x)).abs().max() > 1e-4
+        assert torch.allclose(fast[j], hooked, atol=1e-4)
+        assert torch.allclose(hooked, zeroed, atol=1e-5), float((hooked - zeroed).abs().max())

@@ -1,0 +1,186 @@
+"""Architectures outside the model registry, with the constructs user models have and our zoo
+does not: DenseNet concatenation, squeeze-and-excitation gating, channel shuffle, ConvNeXt's
+channels-last LayerNorm and layer scale, a ViT (attention, class token), Inception branches, a
+BatchNorm1d head on 64x64 inputs. Small enough to build and run in a test; used by
+``tests/test_engine.py`` and ``benchmarks/odd_architectures.py``."""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class DenseLayer(nn.Module):
+    def __init__(self, cin, growth):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(cin)
+        self.conv = nn.Conv2d(cin, growth, 3, 1, 1, bias=False)
+
+    def forward(self, x):
+        return torch.cat([x, self.conv(F.relu(self.bn(x)))], 1)
+
+
+class TinyDenseNet(nn.Module):
+    """Each layer's channels are a slice of the next BatchNorm's input."""
+
+    def __init__(self, nc=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.b1 = nn.Sequential(DenseLayer(16, 8), DenseLayer(24, 8))
+        self.t1 = nn.Sequential(nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 24, 1, bias=False), nn.AvgPool2d(2))
+        self.b2 = nn.Sequential(DenseLayer(24, 8), DenseLayer(32, 8))
+        self.bn = nn.BatchNorm2d(40)
+        self.fc = nn.Linear(40, nc)
+
+    def forward(self, x):
+        x = self.b2(self.t1(self.b1(self.stem(x))))
+        x = F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1)
+        return self.fc(torch.flatten(x, 1))
+
+
+class SE(nn.Module):
+    def __init__(self, c, r=4):
+        super().__init__()
+        self.fc1 = nn.Conv2d(c, c // r, 1)
+        self.fc2 = nn.Conv2d(c // r, c, 1)
+
+    def forward(self, x):
+        s = x.mean((2, 3), keepdim=True)
+        return x * torch.sigmoid(self.fc2(F.silu(self.fc1(s))))
+
+
+class SENet(nn.Module):
+    """Squeeze-and-excitation gates (a channel-wise product), hardswish, a residual add."""
+
+    def __init__(self, nc=10):
+        super().__init__()
+        self.c1, self.n1, self.se1 = nn.Conv2d(3, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), SE(32)
+        self.c2, self.n2, self.se2 = nn.Conv2d(32, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64), SE(64)
+        self.c3, self.n3 = nn.Conv2d(64, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64)
+        self.fc = nn.Linear(64, nc)
+
+    def forward(self, x):
+        x = self.se1(F.hardswish(self.n1(self.c1(x))))
+        x = self.se2(F.hardswish(self.n2(self.c2(x))))
+        y = F.hardswish(self.n3(self.c3(x))) + x
+        return self.fc(y.mean((2, 3)))
+
+
+def channel_shuffle(x, groups):
+    b, c, h, w = x.shape
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+class ShuffleBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        half = c // 2
+        self.branch = nn.Sequential(
+            nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+            nn.Conv2d(half, half, 3, 1, 1, groups=half, bias=False), nn.BatchNorm2d(half),
+            nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        return channel_shuffle(torch.cat([a, self.branch(b)], 1), 2)
+
+
+class ShuffleNetLike(nn.Module):
+    """Split, a depthwise branch, concatenation and a channel shuffle (view + transpose)."""
+
+    def __init__(self, nc=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True))
+        self.blocks = nn.Sequential(ShuffleBlock(32), ShuffleBlock(32))
+        self.head = nn.Sequential(nn.Conv2d(32, 64, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+        self.fc = nn.Linear(64, nc)
+
+    def forward(self, x):
+        x = self.head(self.blocks(self.stem(x)))
+        return self.fc(x.mean([2, 3]))
+
+
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c, eps=1e-6)
+        self.pw1 = nn.Linear(c, 4 * c)
+        self.pw2 = nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(1e-1 * torch.ones(c))
+
+    def forward(self, x):
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.pw2(F.gelu(self.pw1(self.norm(y)))) * self.gamma
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ConvNeXtLike(nn.Module):
+    """Depthwise 7x7, LayerNorm and linear layers on channels-last tensors, layer scale."""
+
+    def __init__(self, nc=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 4, 4)
+        self.stages = nn.Sequential(ConvNeXtBlock(32), ConvNeXtBlock(32))
+        self.norm = nn.LayerNorm(32)
+        self.head = nn.Linear(32, nc)
+
+    def forward(self, x):
+        x = self.stages(self.stem(x))
+        return self.head(self.norm(x.mean([-2, -1])))
+
+
+class TinyViT(nn.Module):
+    """Patch embedding, class token, nn.TransformerEncoder (pre-norm)."""
+
+    def __init__(self, nc=10, dim=48, patch=4, depth=2):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, patch, patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, (32 // patch) ** 2 + 1, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, 4, dim * 2, dropout=0.0, batch_first=True, norm_first=True)
+        self.enc = nn.TransformerEncoder(layer, depth)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, nc)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(len(x), -1, -1), x], 1) + self.pos
+        return self.head(self.norm(self.enc(x))[:, 0])
+
+
+class Inception(nn.Module):
+    """Branches concatenated, ELU, dropout, ``x.view(x.size(0), -1)`` into the head."""
+
+    def __init__(self, nc=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 24, 3, 1, 1), nn.ReLU())
+        self.b1 = nn.Conv2d(24, 16, 1)
+        self.b3 = nn.Sequential(nn.Conv2d(24, 8, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 1, 1))
+        self.bp = nn.Sequential(nn.MaxPool2d(3, 1, 1), nn.Conv2d(24, 8, 1))
+        self.post = nn.Sequential(nn.BatchNorm2d(40), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(40, 48, 3, 1, 1), nn.ELU())
+        self.drop = nn.Dropout(0.3)
+        self.fc = nn.Linear(48 * 16 * 16, nc)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.cat([F.relu(self.b1(x)), F.relu(self.b3(x)), F.relu(self.bp(x))], 1)
+        x = self.post(x)
+        return self.fc(self.drop(x.view(x.size(0), -1)))
+
+
+class BN1dMLPHead(nn.Module):
+    """conv trunk, then Linear + BatchNorm1d + LeakyReLU head, 64x64 input."""
+    def __init__(self, nc=10):
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(3, 16, 5, 2, 2), nn.BatchNorm2d(16), nn.LeakyReLU(0.1),
+                               nn.Conv2d(16, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.LeakyReLU(0.1),
+                               nn.AdaptiveAvgPool2d(4), nn.Flatten())
+        self.h = nn.Sequential(nn.Linear(512, 64), nn.BatchNorm1d(64), nn.LeakyReLU(0.1), nn.Linear(64, nc))
+
+    def forward(self, x):
+        return self.h(self.f(x))
+
+
+#: name -> (class, input side); every model takes 3-channel images and has 10 classes
+ARCHS = {"densenet": (TinyDenseNet, 32), "senet": (SENet, 32), "shufflenet": (ShuffleNetLike, 32),
+         "convnext": (ConvNeXtLike, 32), "vit": (TinyViT, 32), "inception": (Inception, 32),
+         "bn1d_64px": (BN1dMLPHead, 64)}
