@@ -164,6 +164,24 @@ def test_single_class_model_is_refused():
     assert all(torch.equal(before[k], v) for k, v in one.state_dict().items())
 
 
+def test_two_class_model_warns_that_detection_cannot_flag_and_force_prunes():
+    """MAD over two mask norms gives both the same index: a binary classifier is never found
+    backdoored, and the result must say why rather than look like a clean verdict."""
+    torch.manual_seed(0)
+    two = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+    x, y = torch.rand(10, 3, 8, 8), torch.arange(10) % 2
+    quick = dict(reverse_steps=5, feature_steps=5, permutations=4, warmup=2)
+    with pytest.warns(UserWarning, match="2 classes: the anomaly index cannot single out"):
+        result = tp.repair(two, (x, y), method="shappruning", **quick)
+    assert result.verdict == "no backdoor detected" and not result.pruned
+    assert "force=True" in result.details["detection_note"]
+    forced = tp.repair(two, (x, y), method="shappruning", force=True, **quick)
+    assert "detection_note" not in forced.details and "forced" in forced.details
+    assert "shapley" in forced.details  # the game was played for the smaller trigger's class
+
+
 def test_auto_follows_the_feature_reverse_only_where_neural_cleanse_is_silent_or_ambiguous(
         backdoor_case, few, monkeypatch):
     import dataclasses

@@ -294,6 +294,13 @@ class ShapPruning(Defense):
         images["trigger_pattern"] = rev.patterns[suspect].clone()
         images["trigger_stamp"] = (rev.masks[suspect] * rev.patterns[suspect]).clone()
         details["trigger"] = _trigger_summary(rev)
+        if k < 3 and not o.force:
+            # with two classes both mask norms are equally far from their median: MAD flags none
+            details["detection_note"] = (
+                f"the model has {k} classes: the anomaly index cannot single out one of fewer than "
+                "3, so no class is ever flagged; pass force=True to prune for the class with the "
+                "smaller reversed trigger")
+            warnings.warn(f"ShapPruning: {details['detection_note']}", UserWarning, stacklevel=4)
 
         if o.reverse == "feature" or (o.reverse == "auto" and len(rev.flagged) != 1):
             start = time.perf_counter()
