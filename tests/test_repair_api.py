@@ -68,3 +68,22 @@ def test_result_contract_and_input_untouched(small):
     # a Dataset of (x, y) is accepted too
     ds = torch.utils.data.TensorDataset(x, y)
     tp.repair(model, ds, method="ft", seed=0, epochs=1)
+
+
+def test_a_model_returning_probabilities_is_warned_about_and_log_of_fixes_it(small):
+    import warnings
+
+    model, x, y = small
+    softmaxed = torch.nn.Sequential(model, torch.nn.Softmax(dim=1)).eval()
+    with pytest.warns(UserWarning, match="returns probabilities.*LogOf"):
+        tp.repair(softmaxed, (x, y), method="clp")
+    fixed = torch.nn.Sequential(softmaxed, tp.models.LogOf()).eval()
+    with torch.no_grad():  # log-probabilities: the logits up to a per-image constant
+        shift = fixed(x) - model(x)
+    assert torch.allclose(shift, shift[:, :1].expand_as(shift), atol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        tp.repair(fixed, (x, y), method="clp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        tp.repair(model, (x, y), method="clp")  # plain logits: no warning

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -50,15 +51,15 @@ def _data_free() -> list[str]:
 
 def _num_classes(model: nn.Module, clean, device) -> int:
     if isinstance(clean, ImageDataset):
-        sample = clean.images[:1].float() / 255
+        sample = clean.images[:8].float() / 255
     elif isinstance(clean, (tuple, list)) and len(clean) == 2:
-        sample = torch.as_tensor(clean[0][:1]).float()
+        sample = torch.as_tensor(clean[0][:8]).float()
     elif isinstance(clean, Dataset):
         sample = torch.as_tensor(clean[0][0]).float().unsqueeze(0)
     else:
         sample = None
-    if sample is None:
-        return -1  # data-free: defenses probe the model themselves
+    if sample is None or sample.ndim != 4:
+        return -1  # data-free: defenses probe the model themselves; not NCHW: to_clean_data says so
     try:
         with torch.no_grad():
             out = model(sample.to(device))
@@ -68,6 +69,14 @@ def _num_classes(model: nn.Module, clean, device) -> int:
     if out.ndim != 2 or out.shape[1] < 2:
         raise ConfigError(f"the model must return logits of shape (N, classes) with at least 2 "
                           f"classes; got {tuple(out.shape)}")
+    if len(out) and bool((out >= 0).all()) and torch.allclose(out.sum(1), torch.ones(len(out), device=out.device),
+                                                 atol=1e-3):
+        # the trigger reverses' cross-entropy and the probes' logit margins would act on
+        # probabilities, where they are nearly flat, and find nothing
+        warnings.warn("the model returns probabilities (non-negative, each row sums to 1), but "
+                      "every defense expects logits: remove its final softmax, or repair "
+                      "nn.Sequential(model, trojanprune.models.LogOf()) and keep that",
+                      UserWarning, stacklevel=3)
     return out.shape[1]
 
 
