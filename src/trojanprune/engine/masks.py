@@ -214,8 +214,8 @@ def _hook_points_only(model: nn.Module, group) -> tuple[str, ...] | None:
     Why: masks act at the hook points, so a masked channel still enters the statistics of a
     GroupNorm or LayerNorm it passes before them. Zeroing its producer as well would change
     those statistics, and with them every other channel of the norm: the repaired model would
-    not compute what the defense measured (on a GroupNorm+SiLU network, up to 0.16 in the
-    logits). Zeroing the hook points alone reproduces the masked model exactly, provided each
+    not compute what the defense measured (logits off by up to 0.18 on a small ConvNeXt,
+    BENCHMARKS.md "Stop 22"). Zeroing the hook points alone reproduces the masked model exactly, provided each
     can output zeros by its own parameters (a conv or linear, or a norm with affine weight and
     bias); otherwise every mask point is zeroed, as for BatchNorm networks, whose per-channel
     statistics do not mix channels.
