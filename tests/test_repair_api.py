@@ -87,3 +87,22 @@ def test_a_model_returning_probabilities_is_warned_about_and_log_of_fixes_it(sma
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         tp.repair(model, (x, y), method="clp")  # plain logits: no warning
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_float64_or_bfloat16_model_is_repaired_in_float32_and_returned_in_its_dtype(dtype):
+    """The trigger reverses once failed on a float64 model (float32 sums of float64 losses)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10)).to(dtype).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.rand(60, 1, 16, 16), torch.arange(60) % 10
+    result = tp.repair(model, (x, y), method="shappruning", force=True, reverse_steps=5,
+                       feature_steps=5, permutations=4, warmup=2)
+    assert result.pruned
+    assert all(p.dtype == dtype for p in result.model.parameters())
+    for name, channel in result.pruned:
+        assert not result.model.get_submodule(name).weight[channel].any()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

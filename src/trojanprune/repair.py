@@ -27,7 +27,11 @@ def repair(model: nn.Module, clean, method: str = "onp", seed: int = 0, device=N
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     device = resolve_device(device) if device is not None else model_device(model)
-    working = copy.deepcopy(model).to(device).eval()
+    # Defenses compute in float32 (their masks, triggers and images are float32): a float64 or
+    # half-precision model is repaired as a float32 copy and returned in its own dtype, in
+    # which its pruned weights are still exactly zero.
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    working = copy.deepcopy(model).to(device=device, dtype=torch.float32).eval()
     for p in working.parameters():
         p.requires_grad_(False)
     num_classes = _num_classes(working, clean, device)
@@ -41,7 +45,7 @@ def repair(model: nn.Module, clean, method: str = "onp", seed: int = 0, device=N
     seed_everything(seed)
     defense = defense_cls(seed=seed, device=device, progress=progress, **options)
     result = defense.repair(working, data)
-    result.model.eval()
+    result.model = result.model.to(dtype).eval()
     return result
 
 
