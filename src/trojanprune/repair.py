@@ -22,6 +22,8 @@ def repair(model: nn.Module, clean, method: str = "onp", seed: int = 0, device=N
 
     ``clean`` is an ``(x, y)`` pair of tensors (images float in [0, 1], NCHW), a Dataset of
     ``(x, y)``, or ``None`` for data-free methods. Options are the method's dataclass fields.
+    The model must return logits (a warning says so when it returns probabilities); any
+    floating dtype is accepted, and the repaired copy comes back in the model's own.
     """
     defense_cls = defenses.get(method)
     if not isinstance(model, nn.Module):
