@@ -106,3 +106,23 @@ def test_a_float64_or_bfloat16_model_is_repaired_in_float32_and_returned_in_its_
     for name, channel in result.pruned:
         assert not result.model.get_submodule(name).weight[channel].any()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_model_returning_a_tuple_is_refused_with_the_wrapper_to_use(small):
+    model, x, y = small
+
+    class WithFeatures(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, images):
+            return self.net(images), images.mean((1, 2, 3))
+
+    pair = WithFeatures().eval()
+    with pytest.raises(ConfigError, match=r"returns a tuple.*SelectOutput\(model, key\)"):
+        tp.repair(pair, (x, y), method="clp")
+    result = tp.repair(tp.models.SelectOutput(pair, 0), (x, y), method="fp", finetune_epochs=1)
+    assert result.pruned and all(name.startswith("model.net.") for name, _ in result.pruned)
+    with torch.no_grad():
+        assert torch.equal(result.model.model(x)[0], result.model(x))

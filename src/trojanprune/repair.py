@@ -72,6 +72,10 @@ def _num_classes(model: nn.Module, clean, device) -> int:
     except RuntimeError as exc:
         raise DataError(f"the model cannot run on the clean images of shape "
                         f"{tuple(sample.shape[1:])}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(f"the model returns a {type(out).__name__}, not a logits tensor; repair "
+                          f"trojanprune.models.SelectOutput(model, key) instead, with key the "
+                          f"logits' index or name in that output (e.g. 0 for (logits, features))")
     if out.ndim != 2 or out.shape[1] < 2:
         raise ConfigError(f"the model must return logits of shape (N, classes) with at least 2 "
                           f"classes; got {tuple(out.shape)}")

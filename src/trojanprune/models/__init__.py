@@ -14,7 +14,7 @@ from ..registry import Registry
 from .checkpoint import load_weights, load_model_def, build_user_model
 from .lenet import LeNet5
 from .normalize import Normalize, default_stats
-from .outputs import LogOf
+from .outputs import LogOf, SelectOutput
 from .resnet import PreActResNet18, ResNet20
 from .vgg import VGGSmall
 
@@ -59,4 +59,4 @@ def arch_kwargs(name: str, image_shape, dataset: str | None = None, **extra) -> 
 
 
 __all__ = ["MODELS", "available", "create", "load_weights", "load_model_def",
-           "build_user_model", "arch_kwargs", "Normalize", "LogOf", "VGGSmall", "ResNet20", "PreActResNet18", "LeNet5"]
+           "build_user_model", "arch_kwargs", "Normalize", "LogOf", "SelectOutput", "VGGSmall", "ResNet20", "PreActResNet18", "LeNet5"]

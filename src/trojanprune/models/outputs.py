@@ -13,3 +13,24 @@ class LogOf(nn.Module):
 
     def forward(self, p: torch.Tensor) -> torch.Tensor:
         return p.clamp_min(1e-12).log()
+
+
+class SelectOutput(nn.Module):
+    """The logits of a model that returns more than them: ``out[key]`` of a tuple, list or dict,
+    or ``out.key`` of an object (e.g. ``"logits"`` of a Hugging Face output). Repair
+    ``SelectOutput(model, 0)`` for a model returning ``(logits, features)``; the wrapped model
+    is ``.model``, its modules named ``model.<name>`` in the result."""
+
+    def __init__(self, model: nn.Module, key=0):
+        super().__init__()
+        self.model = model
+        self.key = key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        if isinstance(self.key, str) and not isinstance(out, dict):
+            return getattr(out, self.key)
+        return out[self.key]
+
+    def extra_repr(self) -> str:
+        return f"key={self.key!r}"
