@@ -146,6 +146,22 @@ def test_num_classes_mismatch_user_model(tmp_path):
     assert code == 2 and "num_classes mismatch" in text and "10 classes" in text
 
 
+def test_user_model_returning_a_tuple_gets_a_clear_error(tmp_path):
+    (tmp_path / "net.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.fc = nn.Linear(256, 10)\n"
+        "    def forward(self, x):\n        return self.fc(x.flatten(1)), x\n")
+    from trojanprune.models import build_user_model
+
+    net = build_user_model(f"{tmp_path}/net.py:Net")
+    save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
+    code, text = invoke("eval", tmp_path / "w.safetensors", "--model-def", f"{tmp_path}/net.py:Net",
+                        "--dataset", "digits")
+    assert code == 2 and "returns a tuple, not a logits tensor" in text
+
+
 def test_ctrl_c_during_training_leaves_nothing(tmp_path):
     out = tmp_path / "run"
     # Epochs enough that no machine finishes before the interrupt arrives.

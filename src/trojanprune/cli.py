@@ -161,6 +161,10 @@ def check_model_fits(model, test) -> None:
         except RuntimeError as exc:
             raise ConfigError(f"the model does not accept {test.name} images of shape "
                               f"{tuple(test.images.shape[1:])}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(f"the model returns a {type(out).__name__}, not a logits tensor: give "
+                          f"--model-def a class whose forward returns the logits alone (e.g. a "
+                          f"subclass whose forward returns super().forward(x)[0])")
     if out.ndim != 2 or out.shape[1] != test.num_classes:
         raise ConfigError(f"num_classes mismatch: the model outputs {tuple(out.shape[1:])} logits "
                           f"but {test.name} has {test.num_classes} classes")
