@@ -1,7 +1,7 @@
 """Architectures outside the model registry, with the constructs user models have and our zoo
 does not: DenseNet concatenation, squeeze-and-excitation gating, channel shuffle, ConvNeXt's
 channels-last LayerNorm and layer scale, a ViT (attention, class token), Inception branches, a
-BatchNorm1d head on 64x64 inputs. Small enough to build and run in a test; used by
+BatchNorm1d head on 64x64 inputs, a block applied twice. Small enough to build and run in a test; used by
 ``tests/test_engine.py`` and ``benchmarks/odd_architectures.py``."""
 import torch
 from torch import nn
@@ -180,7 +180,22 @@ class BN1dMLPHead(nn.Module):
         return self.h(self.f(x))
 
 
+class SharedBlock(nn.Module):
+    """One conv block applied twice (weight sharing): the block's conv both reads and writes
+    the same channels, so they form one unit group with the stem."""
+
+    def __init__(self, nc=10):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 16, 3, 1, 1), nn.BatchNorm2d(16)
+        self.block = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.fc = nn.Linear(16, nc)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        return self.fc(self.block(self.block(x)).mean((2, 3)))
+
+
 #: name -> (class, input side); every model takes 3-channel images and has 10 classes
 ARCHS = {"densenet": (TinyDenseNet, 32), "senet": (SENet, 32), "shufflenet": (ShuffleNetLike, 32),
          "convnext": (ConvNeXtLike, 32), "vit": (TinyViT, 32), "inception": (Inception, 32),
-         "bn1d_64px": (BN1dMLPHead, 64)}
+         "bn1d_64px": (BN1dMLPHead, 64), "shared_block": (SharedBlock, 32)}

@@ -668,10 +668,10 @@ def test_channels_last_copy_falls_back_where_it_would_break_or_not_help():
 
 
 @pytest.mark.parametrize("arch", ["densenet", "senet", "shufflenet", "convnext", "vit", "inception",
-                                  "bn1d_64px"])
+                                  "bn1d_64px", "shared_block"])
 def test_odd_architectures_evaluated_hooked_and_zeroed_alike(arch):
     """On constructs our zoo lacks (concatenation, SE gates, channel shuffle, LayerNorm on
-    channels-last tensors, attention), the batched evaluator, the hooked model and the
+    channels-last tensors, attention, a block applied twice), the batched evaluator, the hooked model and the
     repaired (zeroed) copy compute the same function for every pruning, so what a defense
     measures is what it delivers."""
     from odd_models import ARCHS as ODD

@@ -61,7 +61,8 @@ class UnitGroup:
             BatchNorms such as PreAct's ``bn1`` of the next block. Zeroing the channel at all of
             them is exactly what physically removing it does.
         hook_points: the subset of ``mask_points`` whose outputs reach a consumer without
-            passing another mask point. Masking there alone is equivalent to masking everywhere
+            passing another mask point (a conv or linear of the group that also reads its
+            channels, as a block applied twice does, counts as a consumer). Masking there alone is equivalent to masking everywhere
             for 0/1 masks, and with soft masks it scales what consumers see exactly once
             (conv -> BN -> ReLU is masked after the BN only, as ANP and RNP do).
         point_channels: for each mask point (same order), the module channel that carries group
@@ -469,7 +470,12 @@ def _reaches_unmasked(start, point_nodes, names) -> bool:
             continue
         seen.add(node)
         if node in point_nodes:
-            continue  # this path is masked further on
+            if isinstance(node.module, _PRODUCER) and not is_depthwise(node.module):
+                # a conv/linear of the group that also READS its channels (a block applied
+                # twice, a recurrence) mixes channel c into all its outputs: c must be masked
+                # before it, or the masked model leaks what the pruned model does not have
+                return True
+            continue  # this path is masked further on (per channel)
         if node.module in names or not node.outputs:
             return True  # a real module reads the channel, or the model output does
         stack.extend(node.outputs)
