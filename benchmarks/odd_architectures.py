@@ -1,7 +1,8 @@
 """Does every defense run end to end on architectures our zoo lacks? A crash check, not a
 quality measure: the models (``tests/odd_models.py``: DenseNet concatenation, SE gates, channel
-shuffle, ConvNeXt, a ViT, Inception branches, a BatchNorm1d head on 64x64 inputs) are fitted for
-a few steps to a synthetic rule on random images, so they carry no backdoor, and each defense
+shuffle, ConvNeXt, a ViT, Inception branches, a BatchNorm1d head on 64x64 inputs, a block
+applied twice) are fitted for a few steps to a synthetic rule on random images, so they carry
+no backdoor, and each defense
 runs with short settings (fewer steps and episodes than its defaults) through the public
 ``trojanprune.repair``. Per model it also checks that the batched masked evaluation, the hooked
 model and the repaired (zeroed) copy compute the same logits under a random pruning.

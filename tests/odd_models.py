@@ -1,8 +1,8 @@
 """Architectures outside the model registry, with the constructs user models have and our zoo
 does not: DenseNet concatenation, squeeze-and-excitation gating, channel shuffle, ConvNeXt's
 channels-last LayerNorm and layer scale, a ViT (attention, class token), Inception branches, a
-BatchNorm1d head on 64x64 inputs, a block applied twice. Small enough to build and run in a test; used by
-``tests/test_engine.py`` and ``benchmarks/odd_architectures.py``."""
+BatchNorm1d head on 64x64 inputs, a block applied twice. Small enough to build and run in a
+test; used by ``tests/test_engine.py`` and ``benchmarks/odd_architectures.py``."""
 import torch
 from torch import nn
 from torch.nn import functional as F
