@@ -62,9 +62,10 @@ class UnitGroup:
             them is exactly what physically removing it does.
         hook_points: the subset of ``mask_points`` whose outputs reach a consumer without
             passing another mask point (a conv or linear of the group that also reads its
-            channels, as a block applied twice does, counts as a consumer). Masking there alone is equivalent to masking everywhere
-            for 0/1 masks, and with soft masks it scales what consumers see exactly once
-            (conv -> BN -> ReLU is masked after the BN only, as ANP and RNP do).
+            channels, as a block applied twice does, counts as a consumer). Masking there
+            alone is equivalent to masking everywhere for 0/1 masks, and with soft masks it
+            scales what consumers see exactly once (conv -> BN -> ReLU is masked after the BN
+            only, as ANP and RNP do).
         point_channels: for each mask point (same order), the module channel that carries group
             channel ``c`` at position ``c``; ``range(size)`` except after concatenations.
         depth: execution-order index of the root among all modules of the model.
