@@ -623,3 +623,18 @@ def test_feature_probes_run_on_a_concatenating_model():
     signal = dict(zip(result.details["node_features"], range(99)))
     assert "feature_trigger_mask" in signal
     assert sum(len(p) for p in result.details["policy_prune_probability"].values()) == 8 + 6 + 6
+
+
+def test_activation_features_of_a_block_applied_twice():
+    """A module called twice per forward fires its hook twice: one row per image still (the
+    mean of the calls), where the rows once doubled and the graph builder failed."""
+    from odd_models import SharedBlock
+    from trojanprune.onp.graphs import channel_activations
+
+    torch.manual_seed(0)
+    model = SharedBlock().eval()
+    x = torch.rand(7, 3, 16, 16)
+    units = discover_units(model, x[:1])
+    mean, std, per_image = channel_activations(model, units, x, batch_size=4)
+    assert per_image.shape == (7, units.total) and mean.shape == std.shape == (units.total,)
+    assert torch.isfinite(per_image).all() and bool((per_image >= 0).all())

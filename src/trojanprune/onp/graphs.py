@@ -220,7 +220,13 @@ def channel_activations(model: nn.Module, units: Units, images: torch.Tensor,
     model.eval()
     try:
         for start in range(0, len(images), batch_size):
+            seen = {name: len(calls) for name, calls in per_point.items()}
             model(images[start:start + batch_size])
+            for name, calls in per_point.items():
+                # a module applied more than once per forward (shared weights): the mean of its calls
+                first = seen.get(name, 0)
+                if len(calls) - first > 1:
+                    calls[first:] = [torch.stack(calls[first:]).mean(0)]
     finally:
         model.train(was_training)
         for h in handles:
