@@ -159,8 +159,71 @@ class MLPNet(nn.Module):
         return self.net(x)
 
 
+class DenseConcat(nn.Module):
+    """DenseNet-style: each layer's output is concatenated to its input (pre-activation
+    BatchNorm over the concatenation), a 1x1 transition with average pooling (stop 22)."""
+
+    def __init__(self, in_ch, classes, growth=12):
+        super().__init__()
+        self.stem = nn.Conv2d(in_ch, 24, 3, padding=1, bias=False)
+        self.norms, self.convs = nn.ModuleList(), nn.ModuleList()
+        c = 24
+        for i in range(4):
+            if i == 2:
+                self.transition = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, 32, 1, bias=False),
+                                                nn.AvgPool2d(2))
+                c = 32
+            self.norms.append(nn.BatchNorm2d(c))
+            self.convs.append(nn.Conv2d(c, growth, 3, padding=1, bias=False))
+            c += growth
+        self.norm = nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for i, (norm, conv) in enumerate(zip(self.norms, self.convs)):
+            if i == 2:
+                x = self.transition(x)
+            x = torch.cat([x, conv(F.relu(norm(x)))], 1)
+        return self.fc(F.relu(self.norm(x)).mean((2, 3)))
+
+
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c, eps=1e-6)
+        self.pw1, self.pw2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(0.1 * torch.ones(c))
+
+    def forward(self, x):
+        y = self.pw2(F.gelu(self.pw1(self.norm(self.dw(x).permute(0, 2, 3, 1))))) * self.gamma
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ConvNeXtMini(nn.Module):
+    """ConvNeXt-style: patchify stem, depthwise 7x7, LayerNorm and linear layers on
+    channels-last tensors, layer scale, GELU, no BatchNorm (stop 22)."""
+
+    def __init__(self, in_ch, classes):
+        super().__init__()
+        self.stem = nn.Conv2d(in_ch, 32, 2, 2)
+        self.norm0 = nn.GroupNorm(1, 32)
+        self.blocks = nn.Sequential(ConvNeXtBlock(32), ConvNeXtBlock(32))
+        self.down = nn.Conv2d(32, 64, 2, 2)
+        self.blocks2 = nn.Sequential(ConvNeXtBlock(64))
+        self.head_norm = nn.LayerNorm(64)
+        self.fc = nn.Linear(64, classes)
+
+    def forward(self, x):
+        x = self.blocks(self.norm0(self.stem(x)))
+        x = self.blocks2(self.down(x))
+        return self.fc(self.head_norm(x.mean((2, 3))))
+
+
 ARCHS = {"gelu_resnet": GeluResNet, "plain_nobn": PlainNoBN, "groupnorm_silu": GroupNormSiLU,
-         "mobile_like": MobileLike, "mlp": MLPNet}
+         "mobile_like": MobileLike, "mlp": MLPNet, "dense_concat": DenseConcat,
+         "convnext_mini": ConvNeXtMini}
 
 #: each case: a dataset, an architecture and a trigger the zoo never used
 CASES = {
@@ -173,6 +236,12 @@ CASES = {
     "mobile_like": dict(dataset="mnist", arch="mobile_like", attack="wanet", attack_options={}, target=1),
     "mlp": dict(dataset="mnist", arch="mlp", attack="badnets",
                 attack_options=dict(patch_size=4, position="bottom-left", colour="white"), target=9),
+    # stop 22: concatenation, and LayerNorm on channels-last tensors
+    "dense_concat": dict(dataset="mnist", arch="dense_concat", attack="blended",
+                         attack_options=dict(alpha=0.2), target=2),
+    "convnext_mini": dict(dataset="mnist", arch="convnext_mini", attack="badnets",
+                          attack_options=dict(patch_size=3, position="top-right", colour="white"),
+                          target=6),
 }
 
 DATA_FOR = {"shappruning": dict(per_class=1), "clp": None}
