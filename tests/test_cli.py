@@ -130,35 +130,30 @@ def test_malicious_checkpoint_refused(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_num_classes_mismatch_user_model(tmp_path):
+def _eval_user_linear_model(tmp_path, classes: int, returns: str):
+    """``trojanprune eval`` of a user's one-layer model with ``classes`` outputs whose forward
+    returns ``returns`` (an expression of ``logits`` and ``x``)."""
     (tmp_path / "net.py").write_text(
         "import torch\nfrom torch import nn\n"
         "class Net(nn.Module):\n"
-        "    def __init__(self, k=4):\n"
+        f"    def __init__(self, k={classes}):\n"
         "        super().__init__(); self.fc = nn.Linear(256, k)\n"
-        "    def forward(self, x):\n        return self.fc(x.flatten(1))\n")
+        f"    def forward(self, x):\n        logits = self.fc(x.flatten(1))\n        return {returns}\n")
     from trojanprune.models import build_user_model
 
     net = build_user_model(f"{tmp_path}/net.py:Net")
     save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
-    code, text = invoke("eval", tmp_path / "w.safetensors", "--model-def", f"{tmp_path}/net.py:Net",
-                        "--dataset", "digits")
+    return invoke("eval", tmp_path / "w.safetensors", "--model-def", f"{tmp_path}/net.py:Net",
+                  "--dataset", "digits")
+
+
+def test_num_classes_mismatch_user_model(tmp_path):
+    code, text = _eval_user_linear_model(tmp_path, 4, "logits")
     assert code == 2 and "num_classes mismatch" in text and "10 classes" in text
 
 
 def test_user_model_returning_a_tuple_gets_a_clear_error(tmp_path):
-    (tmp_path / "net.py").write_text(
-        "import torch\nfrom torch import nn\n"
-        "class Net(nn.Module):\n"
-        "    def __init__(self):\n"
-        "        super().__init__(); self.fc = nn.Linear(256, 10)\n"
-        "    def forward(self, x):\n        return self.fc(x.flatten(1)), x\n")
-    from trojanprune.models import build_user_model
-
-    net = build_user_model(f"{tmp_path}/net.py:Net")
-    save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
-    code, text = invoke("eval", tmp_path / "w.safetensors", "--model-def", f"{tmp_path}/net.py:Net",
-                        "--dataset", "digits")
+    code, text = _eval_user_linear_model(tmp_path, 10, "logits, x")
     assert code == 2 and "returns a tuple, not a logits tensor" in text
 
 
