@@ -23,10 +23,10 @@ import torch
 from torch.nn import functional as F
 
 import trojanprune as tp
-from trojanprune.engine import ChannelMasks, MaskEvaluator, apply_masks_permanently, discover_units
+from trojanprune.engine import discover_units
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from odd_models import ARCHS  # noqa: E402
+from odd_models import ARCHS, logit_gaps  # noqa: E402
 
 #: short settings: enough to exercise every stage of each defense
 QUICK = {
@@ -60,18 +60,10 @@ def fitted(name: str):
 
 def engine_gap(model, x) -> tuple[float, float]:
     """Largest |logit| gap: batched evaluator vs hooked model, hooked vs zeroed copy."""
-    units = discover_units(model, x[:1])
-    masks = (torch.rand(3, units.total, generator=torch.Generator().manual_seed(0)) > 0.2).float()
-    fast = MaskEvaluator(model, units, x[:16]).logits(masks)
-    gap_eval = gap_zero = 0.0
-    for j in range(len(masks)):
-        with torch.no_grad():
-            with ChannelMasks(model, units, masks[j]):
-                hooked = model(x[:16])
-            zeroed = apply_masks_permanently(model, units, units.pruned_list(masks[j])).eval()(x[:16])
-        gap_eval = max(gap_eval, float((fast[j] - hooked).abs().max()))
-        gap_zero = max(gap_zero, float((hooked - zeroed).abs().max()))
-    return gap_eval, gap_zero
+    total = discover_units(model, x[:1]).total
+    masks = (torch.rand(3, total, generator=torch.Generator().manual_seed(0)) > 0.2).float()
+    gaps = logit_gaps(model, x[:16], masks)
+    return gaps["evaluator_vs_hooked"], gaps["hooked_vs_zeroed"]
 
 
 def main() -> int:

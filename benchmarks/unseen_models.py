@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -29,6 +30,9 @@ import trojanprune as tp
 from trojanprune import attacks, data, metrics
 from trojanprune.training import TrainConfig, train
 from trojanprune.utils import derive_seed
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from odd_models import ConvNeXtBlock  # noqa: E402  (the block benchmarks/odd_architectures.py runs too)
 
 
 class Standardize(nn.Module):
@@ -186,19 +190,6 @@ class DenseConcat(nn.Module):
                 x = self.transition(x)
             x = torch.cat([x, conv(F.relu(norm(x)))], 1)
         return self.fc(F.relu(self.norm(x)).mean((2, 3)))
-
-
-class ConvNeXtBlock(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
-        self.norm = nn.LayerNorm(c, eps=1e-6)
-        self.pw1, self.pw2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
-        self.gamma = nn.Parameter(0.1 * torch.ones(c))
-
-    def forward(self, x):
-        y = self.pw2(F.gelu(self.pw1(self.norm(self.dw(x).permute(0, 2, 3, 1))))) * self.gamma
-        return x + y.permute(0, 3, 1, 2)
 
 
 class ConvNeXtMini(nn.Module):

@@ -2,10 +2,32 @@
 does not: DenseNet concatenation, squeeze-and-excitation gating, channel shuffle, ConvNeXt's
 channels-last LayerNorm and layer scale, a ViT (attention, class token), Inception branches, a
 BatchNorm1d head on 64x64 inputs, a block applied twice. Small enough to build and run in a
-test; used by ``tests/test_engine.py`` and ``benchmarks/odd_architectures.py``."""
+test; used by ``tests/test_engine.py`` and ``benchmarks/odd_architectures.py``, with
+:func:`logit_gaps`, the check both run on them."""
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from trojanprune.engine import ChannelMasks, MaskEvaluator, apply_masks_permanently, discover_units
+
+
+def logit_gaps(model: nn.Module, x: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
+    """For keep masks (M, units.total) over ``model``'s units, the largest |logit| gaps between
+    the batched masked evaluation (what a defense measures), the hooked model and the zeroed
+    copy (what it delivers), and the smallest change a mask makes to the unmasked logits."""
+    units = discover_units(model, x[:1])
+    fast = MaskEvaluator(model, units, x).logits(masks)
+    gaps = {"evaluator_vs_hooked": 0.0, "hooked_vs_zeroed": 0.0, "smallest_effect": float("inf")}
+    with torch.no_grad():
+        plain = model(x)
+        for j in range(len(masks)):
+            with ChannelMasks(model, units, masks[j]):
+                hooked = model(x)
+            zeroed = apply_masks_permanently(model, units, units.pruned_list(masks[j])).eval()(x)
+            gaps["evaluator_vs_hooked"] = max(gaps["evaluator_vs_hooked"], float((fast[j] - hooked).abs().max()))
+            gaps["hooked_vs_zeroed"] = max(gaps["hooked_vs_zeroed"], float((hooked - zeroed).abs().max()))
+            gaps["smallest_effect"] = min(gaps["smallest_effect"], float((hooked - plain).abs().max()))
+    return gaps
 
 
 class DenseLayer(nn.Module):

@@ -222,6 +222,7 @@ def test_feature_reverse_writes_only_the_groups_channels_and_leaves_other_activa
     trigger with an all-zero mask leaves the model exactly as it is."""
     from trojanprune.engine import MaskEvaluator, discover_units
     from trojanprune.reverse import reverse_feature_triggers
+    from trojanprune.reverse.feature import writer
 
     torch.manual_seed(0)
     model = nn.Sequential(_DenseGelu()).eval()
@@ -236,7 +237,6 @@ def test_feature_reverse_writes_only_the_groups_channels_and_leaves_other_activa
     ev = MaskEvaluator(model, units, x)
     ones = torch.ones(1, units.total)
     zero = torch.zeros_like(rev.masks)
-    from trojanprune.reverse.feature import writer
     untouched = ev.edited_logits(ones, rev.module, writer(zero, rev.values, rev.channel_dim, rev.rectify,
                                                           0, rev.channels), grad=False)
     assert torch.allclose(untouched, ev.logits(ones), atol=1e-6)

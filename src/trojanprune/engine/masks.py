@@ -215,10 +215,10 @@ def _hook_points_only(model: nn.Module, group) -> tuple[str, ...] | None:
     GroupNorm or LayerNorm it passes before them. Zeroing its producer as well would change
     those statistics, and with them every other channel of the norm: the repaired model would
     not compute what the defense measured (logits off by up to 0.18 on a small ConvNeXt,
-    BENCHMARKS.md "Stop 22"). Zeroing the hook points alone reproduces the masked model exactly, provided each
-    can output zeros by its own parameters (a conv or linear, or a norm with affine weight and
-    bias); otherwise every mask point is zeroed, as for BatchNorm networks, whose per-channel
-    statistics do not mix channels.
+    BENCHMARKS.md "Stop 22"). Zeroing the hook points alone reproduces the masked model
+    exactly, provided each can output zeros by its own parameters (a conv or linear, or a norm
+    with affine weight and bias); otherwise every mask point is zeroed, as for BatchNorm
+    networks, whose per-channel statistics do not mix channels.
     """
     modules = [model.get_submodule(p) for p in group.mask_points]
     if not any(isinstance(m, (nn.GroupNorm, nn.LayerNorm)) for m in modules):
