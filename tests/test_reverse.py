@@ -127,6 +127,57 @@ def test_reverse_bad_input():
     assert rev.masks.shape == (3, 1, 4, 4) and rev.steps == 5
 
 
+def _largest_grad_batch(model):
+    """Records the largest batch ``model`` runs with gradients enabled (a reverse's passes)."""
+    seen = [0]
+
+    def hook(module, inputs):
+        if torch.is_grad_enabled():
+            seen[0] = max(seen[0], inputs[0].shape[0])
+
+    model.register_forward_pre_hook(hook)
+    return seen
+
+
+def test_many_classes_reverse_in_passes_that_fit_and_give_the_one_pass_result():
+    """A model with many classes must not need all (class, image) pairs in one pass: a step is
+    split into passes of at most ``pass_images`` images whose gradients add up to the same
+    step, so the triggers are those of one pass (to float rounding)."""
+    from trojanprune.engine import discover_units
+    from trojanprune.engine.memory import activation_bytes, images_per_pass
+    from trojanprune.reverse import reverse_feature_triggers
+
+    torch.manual_seed(0)
+    k = 12
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, k)).eval()
+    x, y = torch.rand(2 * k, 3, 8, 8), torch.arange(2 * k) % k
+    kw = dict(steps=6, seed=0, cost_schedule="fixed", batch_size=2 * k)
+    whole = reverse_triggers(model, x, y, k, pass_images=10_000, **kw)
+    # the reverses run copies of the model, which keep its hooks; the head sees every pass
+    inner = nn.Sequential(*model)
+    seen = _largest_grad_batch(inner[-1])
+    split = reverse_triggers(inner, x, y, k, pass_images=25, **kw)
+    assert 0 < seen[0] <= 25  # 12 classes x 22 other-class images = 264 pairs, in 11 passes
+    assert torch.allclose(split.masks, whole.masks, atol=1e-5)
+    assert torch.allclose(split.patterns, whole.patterns, atol=1e-5)
+    assert split.evaluations == whole.evaluations
+
+    units = discover_units(model, x[:1])
+    one = reverse_feature_triggers(model, units, x, y, k, steps=5, seed=0, pass_images=10_000)
+    seen[0] = 0
+    split = reverse_feature_triggers(inner, units, x, y, k, steps=5, seed=0, pass_images=3 * len(x))
+    assert 0 < seen[0] <= 3 * len(x)  # whole classes: 3 of them per pass
+    assert torch.allclose(split.masks, one.masks, atol=1e-6)
+    assert torch.allclose(split.values, one.values, atol=1e-6)
+    assert split.evaluations == one.evaluations
+    # the default size: the budget over one image's activations
+    assert images_per_pass(model, x, budget=10 * activation_bytes(model, x)) == 10
+    with pytest.raises(ConfigError, match="pass_images"):
+        reverse_triggers(model, x, y, k, pass_images=0)
+
+
 # -- data reverse --------------------------------------------------------------------------------
 
 def test_synthesized_images_are_classified_as_their_class(backdoor_case):

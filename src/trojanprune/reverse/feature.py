@@ -31,7 +31,9 @@ injection point on run per step); a fixed cost (no schedule); sigmoid/softplus p
 with values scaled by each channel's largest clean activation; images of class ``k`` left out
 of class ``k``'s loss and success rate; the default layer is the conv group three quarters of
 the way through the network (the penultimate conv of ``vgg_small``): deep enough that the
-backdoor has its own channels, early enough that a few layers still follow.
+backdoor has its own channels, early enough that a few layers still follow. With many
+classes a step is split into passes of whole classes that fit in memory, and their gradients
+are added up (:mod:`trojanprune.engine.memory`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from torch import nn
 from ..defenses.base import check_finite
 from ..engine import MaskEvaluator, Units
 from ..engine.layout import channels_last_copy
+from ..engine.memory import images_per_pass
 from ..engine.units import channel_dim
 from ..errors import ConfigError, DataError
 from ..progress import progress_bar
@@ -214,7 +217,8 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
                              num_classes: int, *, layer: str | None = None, steps: int = 300,
                              lr: float = 0.1, cost: float = 0.02, seed: int = 0,
                              progress: bool = False, rectify: bool | str = "auto",
-                             anomaly_threshold: float = ANOMALY_THRESHOLD) -> FeatureTriggers:
+                             anomaly_threshold: float = ANOMALY_THRESHOLD,
+                             pass_images: int | None = None) -> FeatureTriggers:
     """Reverse a feature-space trigger for every class (see the module docstring).
 
     Args:
@@ -226,11 +230,16 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
         rectify: mix after the layer's ReLU (see :func:`write`); "auto" (default): only where
             a ReLU follows the layer (:func:`relu_follows`), so that writing nothing leaves any
             model as it is.
+        pass_images: at most this many images (classes x images) per forward/backward pass;
+            a step's classes are split into passes whose gradients are added up (the same
+            gradient; at least one class per pass). None: as many as fit the memory budget
+            (:mod:`trojanprune.engine.memory`), so that many classes do not run out of memory.
     """
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ConfigError(f"trigger reverse needs a model with at least 2 classes, got {num_classes}")
-    if steps < 1 or lr <= 0 or cost < 0:
-        raise ConfigError("reverse_feature_triggers: steps and lr must be positive, cost >= 0")
+    if steps < 1 or lr <= 0 or cost < 0 or (pass_images is not None and pass_images < 1):
+        raise ConfigError("reverse_feature_triggers: steps, lr and pass_images must be positive, "
+                          "cost >= 0")
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or len(x) == 0 or y is None or len(y) != len(x):
         raise DataError("reverse_feature_triggers needs a non-empty image batch and one label per image")
     layer = default_layer(units) if layer is None else layer
@@ -242,6 +251,8 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
     dim = channel_dim(model.get_submodule(module))
     model = channels_last_copy(model, x[:8])  # same function, faster on CPU (engine/layout.py)
     evaluator = MaskEvaluator(model, units, x)
+    # whole classes per pass (a class's loss is a mean over all the images)
+    per_pass = max(1, (pass_images or images_per_pass(model, evaluator.images)) // len(x))
     y = y.to(evaluator.device)
     k = num_classes
     classes = torch.arange(k, device=evaluator.device)
@@ -292,11 +303,19 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
         task = bar.add_task("feature trigger reverse", total=steps)
         for run in range(1, steps + 1):
             m, v = current()
-            logits = evaluator.edited_logits(ones, module, writer(m, v, dim, rectify, None, channels))
-            ce = F.cross_entropy(logits.reshape(k * len(x), -1), labels, reduction="none").reshape(k, -1)
-            loss = ((ce * weight).sum(1) / weight.sum(1) + cost * m.sum(1)).sum()
-            check_finite(loss.detach(), "feature trigger reverse")
-            grads = torch.autograd.grad(loss, [mask_w, value_w])
+            grads = None
+            for c0 in range(0, k, per_pass):
+                c1 = min(k, c0 + per_pass)
+                logits = evaluator.edited_logits(ones[c0:c1], module,
+                                                 writer(m[c0:c1], v[c0:c1], dim, rectify, None, channels))
+                ce = F.cross_entropy(logits.reshape((c1 - c0) * len(x), -1),
+                                     labels[c0 * len(x):c1 * len(x)], reduction="none").reshape(c1 - c0, -1)
+                w = weight[c0:c1]
+                loss = ((ce * w).sum(1) / w.sum(1) + cost * m[c0:c1].sum(1)).sum()
+                check_finite(loss.detach(), "feature trigger reverse")
+                part = torch.autograd.grad(loss, [mask_w, value_w], retain_graph=c1 < k)
+                grads = part if grads is None else [a + b for a, b in zip(grads, part)]
+                del logits, ce, loss  # frees this pass's retained graph before the next pass
             for param, grad in zip((mask_w, value_w), grads):
                 param.grad = grad
             opt.step()

@@ -26,6 +26,8 @@ cost schedule is one optimization step on the current batch (Neural Cleanse chec
 of mini-batches, and with one image per class the whole set is one batch); images of class ``k``
 itself are left out of class ``k``'s loss and success rate; ``cost_schedule="fixed"`` keeps
 ``init_cost`` throughout (no schedule) when a reproducible, schedule-free objective is wanted.
+With many classes a step's K x B images are split into passes that fit in memory, and their
+gradients are added up (:mod:`trojanprune.engine.memory`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ..defenses.base import check_finite
 from ..errors import ConfigError, DataError
 from ..progress import progress_bar
 from ..engine.layout import channels_last_copy
+from ..engine.memory import images_per_pass
 from ..utils import model_device
 from .detect import ANOMALY_THRESHOLD, detect_outlier
 
@@ -103,7 +106,8 @@ def reverse_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cla
                      progress: bool = False, device=None, cost_schedule: str = "adaptive",
                      success_threshold: float = 0.99, patience: int = 5,
                      early_stop_patience: int = 50, batch_size: int = 32,
-                     anomaly_threshold: float = ANOMALY_THRESHOLD) -> ReversedTriggers:
+                     anomaly_threshold: float = ANOMALY_THRESHOLD,
+                     pass_images: int | None = None) -> ReversedTriggers:
     """Reverse a trigger for every class of ``model`` from images ``x`` (labels ``y``).
 
     Args:
@@ -119,14 +123,19 @@ def reverse_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cla
         success_threshold, patience, early_stop_patience: the schedule (see module docstring);
             ``early_stop_patience=0`` disables early stopping.
         anomaly_threshold: MAD anomaly index above which a small-norm class is flagged.
+        pass_images: at most this many stamped images per forward/backward pass; a step's
+            (class, image) pairs are split into passes whose gradients are added up (the same
+            gradient). None: as many as fit the memory budget (:mod:`trojanprune.engine.memory`),
+            so that a model with many classes does not run out of memory.
     """
     if cost_schedule not in COST_SCHEDULES:
         raise ConfigError(f"cost_schedule must be one of {COST_SCHEDULES}, got {cost_schedule!r}")
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ConfigError(f"trigger reverse needs a model with at least 2 classes, got {num_classes}")
-    if steps < 1 or lr <= 0 or init_cost < 0 or batch_size < 1 or patience < 1:
-        raise ConfigError("reverse_triggers: steps, lr, batch_size and patience must be positive "
-                          "and init_cost non-negative")
+    if steps < 1 or lr <= 0 or init_cost < 0 or batch_size < 1 or patience < 1 or (
+            pass_images is not None and pass_images < 1):
+        raise ConfigError("reverse_triggers: steps, lr, batch_size, patience and pass_images must "
+                          "be positive and init_cost non-negative")
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or len(x) == 0:
         raise DataError("reverse_triggers needs a non-empty image batch (N, C, H, W)")
     if y is None or len(y) != len(x):
@@ -135,6 +144,7 @@ def reverse_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cla
     x = x.detach().to(device, torch.float32)
     y = y.detach().to(device, torch.long)
     model = channels_last_copy(model, x[:8])  # same function, faster on CPU (engine/layout.py)
+    per_pass = pass_images or images_per_pass(model, x)
     n, c, h, w = x.shape
     k = num_classes
     classes = torch.arange(k, device=device)
@@ -177,18 +187,30 @@ def reverse_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cla
                 count = torch.bincount(pair_k, minlength=k).float().clamp_min(1)
                 mask = torch.tanh(mask_w) / 2 + 0.5
                 pattern = torch.tanh(pattern_w) / 2 + 0.5
+                grads, hits = None, []
                 with torch.enable_grad():
-                    stamped = (1 - mask[pair_k]) * xb[pair_i] + (mask * pattern)[pair_k]
-                    logits = model(stamped)
-                    ce = F.cross_entropy(logits, pair_k, reduction="none")
-                    ce_k = torch.zeros(k, device=device).index_add(0, pair_k, ce) / count
-                    l1 = mask.sum((1, 2, 3))
-                    loss = (ce_k + cost * l1).sum()
-                check_finite(loss.detach(), "trigger reverse")
-                grads = torch.autograd.grad(loss, [mask_w, pattern_w])
+                    for s in range(0, len(pair_k), per_pass):
+                        pk, pi = pair_k[s:s + per_pass], pair_i[s:s + per_pass]
+                        stamped = (1 - mask[pk]) * xb[pi] + (mask * pattern)[pk]
+                        logits = model(stamped)
+                        ce = F.cross_entropy(logits, pk, reduction="none")
+                        ce_k = torch.zeros(k, device=device).index_add(0, pk, ce) / count
+                        if s == 0:  # the L1 term once per step, with the first pass
+                            l1 = mask.sum((1, 2, 3))
+                            loss = (ce_k + cost * l1).sum()
+                        else:
+                            loss = ce_k.sum()
+                        check_finite(loss.detach(), "trigger reverse")
+                        part = torch.autograd.grad(loss, [mask_w, pattern_w],
+                                                   retain_graph=s + per_pass < len(pair_k))
+                        grads = part if grads is None else [a + b for a, b in zip(grads, part)]
+                        hits.append((logits.detach().argmax(-1) == pk).float())
+                        # a retained graph lives as long as a tensor refers to it: free this
+                        # pass's activations before the next pass runs
+                        del stamped, logits, ce, ce_k, loss
                 evaluations += k
                 with torch.no_grad():
-                    hit = (logits.argmax(-1) == pair_k).float()
+                    hit = torch.cat(hits)
                     success = torch.zeros(k, device=device).index_add(0, pair_k, hit) / count
                     ok = success >= success_threshold
                     norms = l1.detach()
