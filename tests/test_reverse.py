@@ -199,6 +199,20 @@ def test_data_reverse_without_batchnorm_warns_and_falls_back():
     assert syn.x.shape == (10, 1, 28, 28)
 
 
+def test_data_reverse_with_many_classes_synthesizes_in_batches_that_fit():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 12)).eval()
+    seen = _largest_grad_batch(model[0])
+    whole = synthesize(model, 12, (3, 8, 8), per_class=2, steps=4, seed=0)
+    assert seen[0] == 24 and whole.evaluations == 5  # everything fits: one batch
+    seen[0] = 0
+    split = synthesize(model, 12, (3, 8, 8), per_class=2, steps=4, seed=0, pass_images=5)
+    assert seen[0] == 4  # batches of whole classes: 2 classes x 2 images
+    assert split.evaluations == 6 * 5 and split.y.tolist() == whole.y.tolist()
+    assert split.x.shape == whole.x.shape and split.x.min() >= 0 and split.x.max() <= 1
+
+
 def test_data_reverse_bad_input():
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
     with pytest.raises(ConfigError):

@@ -14,7 +14,9 @@ DeepInversion", CVPR 2020): optimize a batch of images so that
 
 with random jitter (a cyclic shift of up to ``jitter`` pixels per step, as DeepInversion) and
 the images kept in [0, 1] (projected after each Adam step). All classes are synthesized in one
-batch, so the BatchNorm statistics are matched by a batch that covers every class.
+batch, so the BatchNorm statistics are matched by a batch that covers every class; only where
+that batch would not fit in memory (hundreds of classes) are the classes split into batches
+that each match the statistics by themselves.
 
 A model without BatchNorm has no training statistics to match: :func:`synthesize` then warns
 (``RuntimeWarning``) and falls back to class confidence + priors alone (plain model inversion),
@@ -32,6 +34,7 @@ from torch import nn
 
 from ..defenses.base import check_finite
 from ..engine.layout import channels_last_copy
+from ..engine.memory import images_per_pass
 from ..errors import ConfigError
 from ..progress import progress_bar
 from ..utils import model_device
@@ -51,9 +54,10 @@ class SynthesizedData:
     accuracy: float            # fraction the model classifies as their label
     confidence: float          # mean softmax probability of the label
     bn_layers: int             # BatchNorm layers whose statistics were matched
-    bn_loss: float             # final BatchNorm-statistics loss (0 without BatchNorm)
+    bn_loss: float             # final BatchNorm-statistics loss (0 without BatchNorm; the mean
+                               # over the batches where the classes did not fit in one)
     steps: int
-    evaluations: int           # forward/backward passes over the synthetic batch
+    evaluations: int           # forward/backward passes over the synthetic batch(es)
     warning: str | None = None
 
     def summary(self) -> dict:
@@ -71,7 +75,8 @@ def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
 def synthesize(model: nn.Module, num_classes: int, image_shape, per_class: int = 2, *,
                steps: int = 400, lr: float = 0.1, bn_weight: float = 1.0,
                tv_weight: float = 1e-3, l2_weight: float = 1e-5, jitter: int = 2,
-               seed: int = 0, device=None, progress: bool = False) -> SynthesizedData:
+               seed: int = 0, device=None, progress: bool = False,
+               pass_images: int | None = None) -> SynthesizedData:
     """Synthesize ``per_class`` images of every class from ``model`` (see module docstring).
 
     Args:
@@ -82,20 +87,25 @@ def synthesize(model: nn.Module, num_classes: int, image_shape, per_class: int =
         steps, lr: Adam steps and learning rate on the pixels.
         bn_weight, tv_weight, l2_weight: weights of the BatchNorm-statistics loss and priors.
         jitter: largest random cyclic shift (pixels) applied before each forward pass.
+        pass_images: at most this many images per forward/backward pass. When all K x
+            ``per_class`` images do not fit, the classes are synthesized in consecutive batches
+            of whole classes, each matching the BatchNorm statistics by itself (as DeepInversion
+            synthesizes batch by batch). None: as many as fit the memory budget
+            (:mod:`trojanprune.engine.memory`); with few classes that is one batch.
     """
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ConfigError(f"data reverse needs a model with at least 2 classes, got {num_classes}")
-    if per_class < 1 or steps < 1 or lr <= 0 or jitter < 0:
-        raise ConfigError("synthesize: per_class, steps and lr must be positive, jitter >= 0")
+    if per_class < 1 or steps < 1 or lr <= 0 or jitter < 0 or (pass_images is not None and pass_images < 1):
+        raise ConfigError("synthesize: per_class, steps, lr and pass_images must be positive, jitter >= 0")
     shape = tuple(int(s) for s in image_shape)
     if len(shape) != 3 or min(shape) < 1:
         raise ConfigError(f"image_shape must be (C, H, W), got {image_shape!r}")
     device = torch.device(device) if device is not None else model_device(model)
     gen = torch.Generator().manual_seed(int(seed))
     y = torch.arange(num_classes).repeat_interleave(per_class).to(device)
-    x = torch.rand((len(y),) + shape, generator=gen).to(device).requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=lr, betas=(0.5, 0.9))
-    model = channels_last_copy(model, x.detach()[:8])  # same function, faster on CPU (engine/layout.py)
+    x = torch.rand((len(y),) + shape, generator=gen).to(device)
+    model = channels_last_copy(model, x[:8])  # same function, faster on CPU (engine/layout.py)
+    per_batch = per_class * max(1, (pass_images or images_per_pass(model, x)) // per_class)
 
     layers = batchnorm_layers(model)
     warning = None
@@ -115,45 +125,52 @@ def synthesize(model: nn.Module, num_classes: int, image_shape, per_class: int =
     handles = [m.register_forward_pre_hook(hook) for m in layers]
     flags = {m: m.training for m in model.modules()}
     model.eval()
-    bn_loss = torch.zeros(())
     evaluations = 0
+    made, probs, final_bn = [], [], 0.0
     try:
         with progress_bar(progress) as bar:
-            task = bar.add_task("data reverse", total=steps)
-            for _ in range(steps):
-                stats.clear()
-                inp = x
-                if jitter > 0:
-                    dx, dy = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=gen))
-                    inp = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
-                with torch.enable_grad():
-                    logits = model(inp)
-                    ce = F.cross_entropy(logits, y)
-                    bn_loss = torch.stack(stats).sum() if stats else torch.zeros((), device=device)
-                    tv = ((x[..., 1:, :] - x[..., :-1, :]).pow(2).mean()
-                          + (x[..., :, 1:] - x[..., :, :-1]).pow(2).mean())
-                    loss = ce + bn_weight * bn_loss + tv_weight * tv + l2_weight * x.pow(2).sum() / len(x)
-                check_finite(loss.detach(), "data reverse")
-                (grad,) = torch.autograd.grad(loss, [x])
-                x.grad = grad
-                opt.step()
+            task = bar.add_task("data reverse", total=steps * -(-len(y) // per_batch))
+            for start in range(0, len(y), per_batch):
+                xb = x[start:start + per_batch].clone().requires_grad_(True)
+                yb = y[start:start + per_batch]
+                opt = torch.optim.Adam([xb], lr=lr, betas=(0.5, 0.9))
+                for _ in range(steps):
+                    stats.clear()
+                    inp = xb
+                    if jitter > 0:
+                        dx, dy = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=gen))
+                        inp = torch.roll(xb, shifts=(dx, dy), dims=(2, 3))
+                    with torch.enable_grad():
+                        logits = model(inp)
+                        ce = F.cross_entropy(logits, yb)
+                        bn_loss = torch.stack(stats).sum() if stats else torch.zeros((), device=device)
+                        tv = ((xb[..., 1:, :] - xb[..., :-1, :]).pow(2).mean()
+                              + (xb[..., :, 1:] - xb[..., :, :-1]).pow(2).mean())
+                        loss = ce + bn_weight * bn_loss + tv_weight * tv + l2_weight * xb.pow(2).sum() / len(xb)
+                    check_finite(loss.detach(), "data reverse")
+                    (grad,) = torch.autograd.grad(loss, [xb])
+                    xb.grad = grad
+                    opt.step()
+                    with torch.no_grad():
+                        xb.clamp_(0, 1)
+                    evaluations += 1
+                    bar.advance(task)
                 with torch.no_grad():
-                    x.clamp_(0, 1)
-                evaluations += 1
-                bar.advance(task)
-        with torch.no_grad():
-            stats.clear()
-            probs = model(x).softmax(-1)
-            accuracy = float((probs.argmax(-1) == y).float().mean())
-            confidence = float(probs.gather(1, y.view(-1, 1)).mean())
-            final_bn = float(torch.stack(stats).sum()) if stats else 0.0
+                    stats.clear()
+                    probs.append(model(xb).softmax(-1))
+                    final_bn += float(torch.stack(stats).sum()) if stats else 0.0
+                    evaluations += 1
+                made.append(xb.detach())
+        probs = torch.cat(probs)
+        accuracy = float((probs.argmax(-1) == y).float().mean())
+        confidence = float(probs.gather(1, y.view(-1, 1)).mean())
     finally:
         for h in handles:
             h.remove()
         for module, flag in flags.items():
             module.training = flag
-    return SynthesizedData(x.detach().clone(), y.clone(), accuracy, confidence, len(layers),
-                           final_bn, steps, evaluations + 1, warning)
+    return SynthesizedData(torch.cat(made).clone(), y.clone(), accuracy, confidence, len(layers),
+                           final_bn / len(made), steps, evaluations, warning)
 
 
 __all__ = ["NO_BATCHNORM_WARNING", "SynthesizedData", "batchnorm_layers", "synthesize"]
