@@ -157,6 +157,85 @@ def test_user_model_returning_a_tuple_gets_a_clear_error(tmp_path):
     assert code == 2 and "returns a tuple, not a logits tensor" in text
 
 
+_NORMALIZED_NET = """
+from torch import nn
+from trojanprune.models import LeNet5
+
+class Net(nn.Module):
+    # a user's model as trained elsewhere: its pipeline normalizes the images, and forward
+    # returns (logits, features)
+    def __init__(self):
+        super().__init__()
+        lenet = LeNet5(10, 1, input_size=16)
+        self.features, self.classifier = lenet.features, lenet.classifier
+
+    def forward(self, x):
+        h = self.features(x)
+        return self.classifier(h), h
+"""
+
+
+def test_user_model_behind_its_own_normalization_is_repaired_and_saved_in_its_own_layout(
+        digits_run, tmp_path):
+    """The digits run's model, taken apart into a user's model that expects normalized images
+    and returns (logits, features): the CLI options rebuild the run's function exactly, and the
+    repaired weights load back into the user's class."""
+    from safetensors.torch import load_file
+
+    from trojanprune.models import build_user_model
+
+    (tmp_path / "net.py").write_text(_NORMALIZED_NET)
+    state = {k: v for k, v in load_file(str(digits_run / "model.safetensors")).items()
+             if not k.startswith("normalize.")}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    as_user = [tmp_path / "w.safetensors", "--model-def", f"{tmp_path}/net.py:Net",
+               "--dataset", "digits", "--attack", "badnets"]
+    adapter = ["--input-mean", "0.5", "--input-std", "0.5", "--output-key", "0"]
+    code, text = invoke("eval", *as_user, *adapter, "--json", stdout_only=True)
+    assert code == 0, text
+    run_metrics = json.loads((digits_run / "run.json").read_text())["metrics"]
+    measured = json.loads(text)
+    assert abs(measured["acc"] - run_metrics["acc"]) < 1e-6
+    assert abs(measured["asr"] - run_metrics["asr"]) < 1e-6
+    # without the options: a clear error for the tuple, and other predictions unnormalized
+    code, text = invoke("eval", *as_user)
+    assert code == 2 and "--output-key 0" in text
+    code, text = invoke("eval", *as_user, "--output-key", "0", "--json", stdout_only=True)
+    assert code == 0 and json.loads(text)["acc"] != measured["acc"]
+
+    out = tmp_path / "repaired"
+    code, text = invoke("repair", *as_user, *adapter, "--method", "fp", "--out", out, "--json",
+                        stdout_only=True)
+    assert code == 0, text
+    record = json.loads(text)
+    run = json.loads((out / "run.json").read_text())
+    assert run["format_version"] == 2
+    assert run["model"]["adapter"] == {"mean": [0.5], "std": [0.5], "output_key": 0}
+    # the repaired weights are in the user's own layout: they load strictly into Net ...
+    build_user_model(f"{tmp_path}/net.py:Net", weights=str(out / "model.safetensors"))
+    assert set(load_file(str(out / "model.safetensors"))) == set(state)
+    # ... and the run directory evaluates to what the repair measured
+    code, text = invoke("eval", out, "--json", stdout_only=True)
+    assert code == 0 and abs(json.loads(text)["acc"] - record["after"]["acc"]) < 1e-6
+    # a run directory records its adapter; wrong or half options are named
+    code, text = invoke("eval", out, "--input-mean", "0.5", "--input-std", "0.5")
+    assert code == 2 and "run directory" in text
+    code, text = invoke("eval", *as_user, "--input-mean", "0.5,0.5", "--input-std", "0.5,0.5")
+    assert code == 2 and "need 1 values" in text
+    code, text = invoke("eval", *as_user, "--input-mean", "0.5")
+    assert code == 2 and "--input-std" in text
+
+
+def test_user_model_whose_constructor_fails_gets_a_clear_error(tmp_path):
+    (tmp_path / "net.py").write_text("from torch import nn\nclass Net(nn.Module):\n"
+                                     "    def __init__(self, size=8):\n"
+                                     "        raise ValueError(f'needs 12x12 inputs, got {size}')\n")
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "w.safetensors"))
+    code, text = invoke("eval", tmp_path / "w.safetensors", "--model-def", f"{tmp_path}/net.py:Net",
+                        "--dataset", "digits")
+    assert code == 2 and "ValueError: needs 12x12 inputs, got 8" in text and "--model-args" in text
+
+
 def test_ctrl_c_during_training_leaves_nothing(tmp_path):
     out = tmp_path / "run"
     # Epochs enough that no machine finishes before the interrupt arrives.

@@ -54,6 +54,38 @@ def parse_settings(settings: list[str] | None) -> dict:
     return out
 
 
+# How a model trained elsewhere is put in the form every defense needs (images in [0, 1] in,
+# logits out); recorded in the output run so that `eval` rebuilds the same function.
+INPUT_MEAN = typer.Option(None, "--input-mean", help="Your model expects normalized inputs: "
+                          "the per-channel mean, comma-separated (e.g. 0.485,0.456,0.406).")
+INPUT_STD = typer.Option(None, "--input-std", help="The per-channel std of that normalization.")
+OUTPUT_KEY = typer.Option(None, "--output-key", help="Your model returns more than the logits: "
+                          "their index (e.g. 0 for (logits, features)) or key (e.g. logits).")
+PROBABILITIES = typer.Option(False, "--probabilities", help="Your model ends in softmax: "
+                             "use the log of its outputs as logits.")
+
+
+def parse_adapter(mean: str | None, std: str | None, output_key: str | None,
+                  probabilities: bool) -> dict | None:
+    """The ``Adapted`` arguments the options above ask for (None: the model as it is)."""
+    def floats(text, name):
+        try:
+            return [float(v) for v in text.split(",")]
+        except ValueError:
+            raise ConfigError(f"{name} takes comma-separated numbers, got {text!r}") from None
+
+    adapter = {}
+    if mean is not None or std is not None:
+        if mean is None or std is None:
+            raise ConfigError("pass both --input-mean and --input-std (one value per channel)")
+        adapter["mean"], adapter["std"] = floats(mean, "--input-mean"), floats(std, "--input-std")
+    if output_key is not None:
+        adapter["output_key"] = int(output_key) if output_key.lstrip("-").isdigit() else output_key
+    if probabilities:
+        adapter["probabilities"] = True
+    return adapter or None
+
+
 @app.command()
 @friendly_errors
 def attack(
@@ -103,6 +135,10 @@ def eval_cmd(
     model_def: Optional[str] = typer.Option(None, help="path/file.py:Class for your own model."),
     model_args: Optional[str] = typer.Option(None, help="JSON keyword arguments for --model-def."),
     weights_key: Optional[str] = typer.Option(None, help="Key of the state dict inside a .pt file."),
+    input_mean: Optional[str] = INPUT_MEAN,
+    input_std: Optional[str] = INPUT_STD,
+    output_key: Optional[str] = OUTPUT_KEY,
+    probabilities: bool = PROBABILITIES,
     dataset: Optional[str] = typer.Option(None, help="Dataset (needed with a weights file)."),
     attack_name: Optional[str] = typer.Option(None, "--attack", help="Trigger to measure ASR with "
                                               "(a run directory knows its own)."),
@@ -123,7 +159,8 @@ def eval_cmd(
     src = open_model(source, arch=arch, model_def=model_def, model_args=model_args,
                      weights_key=weights_key, dataset=dataset, data_dir=data_dir,
                      attack=attack_name, target=target, attack_seed=attack_seed,
-                     attack_options=parse_settings(settings))
+                     attack_options=parse_settings(settings),
+                     adapter=parse_adapter(input_mean, input_std, output_key, probabilities))
     ds = src.dataset
     test = data.load_dataset(ds["name"], "test", data_dir=data_dir, image_size=ds.get("image_size"))
     check_model_fits(src.model, test)
@@ -162,9 +199,9 @@ def check_model_fits(model, test) -> None:
             raise ConfigError(f"the model does not accept {test.name} images of shape "
                               f"{tuple(test.images.shape[1:])}: {str(exc).splitlines()[0]}") from None
     if not isinstance(out, torch.Tensor):
-        raise ConfigError(f"the model returns a {type(out).__name__}, not a logits tensor: give "
-                          f"--model-def a class whose forward returns the logits alone (e.g. a "
-                          f"subclass whose forward returns super().forward(x)[0])")
+        raise ConfigError(f"the model returns a {type(out).__name__}, not a logits tensor: pass "
+                          f"--output-key with the logits' index or key (e.g. --output-key 0 for "
+                          f"(logits, features), --output-key logits for a dict)")
     if out.ndim != 2 or out.shape[1] != test.num_classes:
         raise ConfigError(f"num_classes mismatch: the model outputs {tuple(out.shape[1:])} logits "
                           f"but {test.name} has {test.num_classes} classes")
@@ -186,6 +223,10 @@ def repair_cmd(
     model_def: Optional[str] = typer.Option(None, help="path/file.py:Class for your own model."),
     model_args: Optional[str] = typer.Option(None, help="JSON keyword arguments for --model-def."),
     weights_key: Optional[str] = typer.Option(None),
+    input_mean: Optional[str] = INPUT_MEAN,
+    input_std: Optional[str] = INPUT_STD,
+    output_key: Optional[str] = OUTPUT_KEY,
+    probabilities: bool = PROBABILITIES,
     dataset: Optional[str] = typer.Option(None, help="Dataset (needed with a weights file)."),
     attack_name: Optional[str] = typer.Option(None, "--attack", help="Trigger to measure ASR "
                                               "with (evaluation only; never given to the defense)."),
@@ -207,7 +248,8 @@ def repair_cmd(
     if out.exists() and not force:
         raise TrojanPruneError(f"{out} already exists; choose another --out or pass --force")
     src = open_model_from_cli(source, arch, model_def, model_args, weights_key, dataset, data_dir,
-                              attack_name, target)
+                              attack_name, target,
+                              adapter=parse_adapter(input_mean, input_std, output_key, probabilities))
     ds = src.dataset
     test = None
     if not no_eval:
@@ -252,12 +294,13 @@ def repair_cmd(
 
 
 def open_model_from_cli(source, arch, model_def, model_args, weights_key, dataset, data_dir,
-                        attack_name, target, settings=None):
+                        attack_name, target, settings=None, adapter=None):
     from .sources import open_model
 
     return open_model(source, arch=arch, model_def=model_def, model_args=model_args,
                       weights_key=weights_key, dataset=dataset, data_dir=data_dir,
-                      attack=attack_name, target=target, attack_options=parse_settings(settings))
+                      attack=attack_name, target=target, attack_options=parse_settings(settings),
+                      adapter=adapter)
 
 
 @app.command()

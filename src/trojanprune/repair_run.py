@@ -77,7 +77,9 @@ def save_repair(out: str | Path, source: ModelSource, result, record: dict, exam
     for name, image in getattr(result, "images", {}).items():
         extra[f"{name}.png"] = image
     extra.update(extra_files or {})
-    return save_run(out, result.model.cpu(), run_record, force=force, extra_files=extra)
+    # an adapted model's own weights, in the user's key layout (the record keeps the adapter)
+    return save_run(out, source.spec.bare(result.model).cpu(), run_record, force=force,
+                    extra_files=extra)
 
 
 def _round(d: dict) -> dict:

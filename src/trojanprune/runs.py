@@ -18,7 +18,10 @@ from .errors import CheckpointError, TrojanPruneError
 from .utils import atomic_directory, write_json_atomic
 
 RUN_FORMAT = "trojanprune-run"
-RUN_FORMAT_VERSION = 1
+RUN_FORMAT_VERSION = 2        # the newest format this code reads
+# Version 2 adds the model adapter (input normalization, output selection); a run written
+# without one stays version 1, readable by older trojanprune.
+ADAPTER_FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
 RECORD_FILE = "run.json"
 
@@ -30,13 +33,17 @@ def versions() -> dict[str, str]:
 
 @dataclass
 class ModelSpec:
-    """How to rebuild a model: a registered architecture, or the user's ``file.py:Class``."""
+    """How to rebuild a model: a registered architecture, or the user's ``file.py:Class``, and
+    the adapter (:class:`~trojanprune.models.Adapted` arguments) it is used through, if any.
+    :meth:`build` makes the bare model, whose weights are what a run saves; :meth:`adapt`
+    wraps it."""
 
     num_classes: int
     in_channels: int
     arch: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     model_def: str | None = None
+    adapter: dict[str, Any] | None = None
 
     def build(self) -> nn.Module:
         from . import models
@@ -47,14 +54,30 @@ class ModelSpec:
             return models.build_user_model(self.model_def, self.kwargs)
         raise CheckpointError("the run record names neither an architecture nor a model definition")
 
+    def adapt(self, model: nn.Module) -> nn.Module:
+        """The bare ``model`` as the toolkit uses it (itself when there is no adapter)."""
+        from .models import Adapted
+
+        return Adapted(model, **self.adapter) if self.adapter else model
+
+    def bare(self, model: nn.Module) -> nn.Module:
+        """The user's model inside an adapted one: the weights a run saves."""
+        from .models import Adapted
+
+        return model.model if self.adapter and isinstance(model, Adapted) else model
+
     def to_dict(self) -> dict:
-        return {"arch": self.arch, "model_def": self.model_def, "num_classes": self.num_classes,
-                "in_channels": self.in_channels, "kwargs": self.kwargs}
+        d = {"arch": self.arch, "model_def": self.model_def, "num_classes": self.num_classes,
+             "in_channels": self.in_channels, "kwargs": self.kwargs}
+        if self.adapter:
+            d["adapter"] = self.adapter
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
         return cls(num_classes=d["num_classes"], in_channels=d["in_channels"], arch=d.get("arch"),
-                   kwargs=d.get("kwargs") or {}, model_def=d.get("model_def"))
+                   kwargs=d.get("kwargs") or {}, model_def=d.get("model_def"),
+                   adapter=d.get("adapter") or None)
 
 
 def contiguous_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -67,8 +90,9 @@ def save_run(out_dir: str | Path, model: nn.Module, record: dict, force: bool = 
     """Write a run directory atomically. ``extra_files`` maps file names to a tensor dict
     (.safetensors), a CHW image (.png), text (a ``str``, written as UTF-8, e.g. an HTML
     report) or JSON-able data (anything else)."""
-    record = {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, **record,
-              "versions": versions()}
+    adapted = bool((record.get("model") or {}).get("adapter"))
+    record = {"format": RUN_FORMAT, "format_version": ADAPTER_FORMAT_VERSION if adapted else 1,
+              **{k: v for k, v in record.items() if k != "format_version"}, "versions": versions()}
     with atomic_directory(out_dir, force=force) as tmp:
         save_file(contiguous_state(model), str(tmp / WEIGHTS_FILE))
         for name, content in (extra_files or {}).items():
@@ -141,6 +165,7 @@ def load_run(path: str | Path) -> Run:
                               f"{record['format_version']}); upgrade trojanprune to read it")
     from .models import load_weights
 
-    model = ModelSpec.from_dict(record["model"]).build()
+    spec = ModelSpec.from_dict(record["model"])
+    model = spec.build()
     load_weights(model, path / WEIGHTS_FILE)
-    return Run(path, record, model.eval())
+    return Run(path, record, spec.adapt(model).eval())

@@ -25,10 +25,15 @@ class ModelSource:
 def open_model(path: str | Path, *, arch: str | None = None, model_def: str | None = None,
                model_args: str | dict | None = None, weights_key: str | None = None,
                dataset: str | None = None, data_dir=None, attack: str | None = None,
-               target: int = 0, attack_seed: int = 0, attack_options: dict | None = None
-               ) -> ModelSource:
-    """A run directory, or a weights file described by --arch/--model-def and --dataset."""
+               target: int = 0, attack_seed: int = 0, attack_options: dict | None = None,
+               adapter: dict | None = None) -> ModelSource:
+    """A run directory, or a weights file described by --arch/--model-def and --dataset;
+    ``adapter``: :class:`~trojanprune.models.Adapted` arguments for a weights file's model (a
+    run directory records its own)."""
     path = Path(path)
+    if is_run_dir(path) and adapter:
+        raise ConfigError(f"{path} is a run directory, which records how its model is used; the "
+                          f"input normalization and output options are for a weights file")
     if is_run_dir(path):
         run = load_run(path)
         ds = dict(run.record["dataset"])
@@ -56,6 +61,12 @@ def open_model(path: str | Path, *, arch: str | None = None, model_def: str | No
     else:
         raise ConfigError(f"a weights file needs --arch (one of {', '.join(models.available())}) "
                           f"or --model-def path/file.py:Class")
+    if adapter:
+        if "mean" in adapter and len(adapter["mean"]) != c:
+            raise ConfigError(f"--input-mean/--input-std need {c} values (one per channel of "
+                              f"{ds['name']} images), got {len(adapter['mean'])}")
+        spec.adapter = dict(adapter)
+        model = spec.adapt(model)
     atk = None
     if attack:
         atk = attacks.create(attack, tuple(ds["image_shape"]), ds["num_classes"], target=target,

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..registry import Registry
+from .adapter import Adapted
 from .checkpoint import load_weights, load_model_def, build_user_model
 from .lenet import LeNet5
 from .normalize import Normalize, default_stats
@@ -59,4 +60,4 @@ def arch_kwargs(name: str, image_shape, dataset: str | None = None, **extra) -> 
 
 
 __all__ = ["MODELS", "available", "create", "load_weights", "load_model_def",
-           "build_user_model", "arch_kwargs", "Normalize", "LogOf", "SelectOutput", "VGGSmall", "ResNet20", "PreActResNet18", "LeNet5"]
+           "build_user_model", "arch_kwargs", "Adapted", "Normalize", "LogOf", "SelectOutput", "VGGSmall", "ResNet20", "PreActResNet18", "LeNet5"]

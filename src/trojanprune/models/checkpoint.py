@@ -139,8 +139,9 @@ def build_user_model(spec: str, model_args: str | dict | None = None, weights: s
     cls = load_model_def(spec)
     try:
         model = cls(**(model_args or {}))
-    except TypeError as exc:
-        raise ConfigError(f"could not build {spec} with arguments {model_args}: {exc}") from None
+    except Exception as exc:  # the user's own code: any failure is a configuration problem
+        raise ConfigError(f"could not build {spec} with arguments {model_args or {}}: "
+                          f"{type(exc).__name__}: {exc} (check --model-args)") from None
     if weights:
         load_weights(model, weights, weights_key)
     return model

@@ -27,10 +27,14 @@ class SelectOutput(nn.Module):
         self.key = key
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
-        if isinstance(self.key, str) and not isinstance(out, dict):
-            return getattr(out, self.key)
-        return out[self.key]
+        return select_output(self.model(x), self.key)
 
     def extra_repr(self) -> str:
         return f"key={self.key!r}"
+
+
+def select_output(out, key):
+    """``out[key]`` of a tuple, list or dict, ``out.key`` of another object for a string key."""
+    if isinstance(key, str) and not isinstance(out, dict):
+        return getattr(out, key)
+    return out[key]
