@@ -172,6 +172,13 @@ def test_many_classes_reverse_in_passes_that_fit_and_give_the_one_pass_result():
     assert torch.allclose(split.masks, one.masks, atol=1e-6)
     assert torch.allclose(split.values, one.values, atol=1e-6)
     assert split.evaluations == one.evaluations
+    # more images than batch_size: fixed batches, each holding every class, one per step, so a
+    # step runs K x 8 images (not K x 24); counted like the pixel reverse, K per step
+    seen[0] = 0
+    dealt = reverse_feature_triggers(inner, units, x, y, k, steps=5, seed=0, batch_size=8)
+    assert seen[0] == k * 8  # one pass: all classes of a batch of 8
+    assert dealt.evaluations == one.evaluations and dealt.masks.shape == one.masks.shape
+    assert not torch.allclose(dealt.masks, one.masks)  # other images per step: other steps
     # the default size: the budget over one image's activations
     assert images_per_pass(model, x, budget=10 * activation_bytes(model, x)) == 10
     with pytest.raises(ConfigError, match="pass_images"):

@@ -33,7 +33,8 @@ of class ``k``'s loss and success rate; the default layer is the conv group thre
 the way through the network (the penultimate conv of ``vgg_small``): deep enough that the
 backdoor has its own channels, early enough that a few layers still follow. With many
 classes a step is split into passes of whole classes that fit in memory, and their gradients
-are added up (:mod:`trojanprune.engine.memory`).
+are added up (:mod:`trojanprune.engine.memory`); with more than ``batch_size`` images (100),
+a step uses one of several fixed batches, so that its cost grows with K, not K squared.
 """
 
 from __future__ import annotations
@@ -218,14 +219,20 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
                              lr: float = 0.1, cost: float = 0.02, seed: int = 0,
                              progress: bool = False, rectify: bool | str = "auto",
                              anomaly_threshold: float = ANOMALY_THRESHOLD,
-                             pass_images: int | None = None) -> FeatureTriggers:
+                             pass_images: int | None = None, batch_size: int = 100) -> FeatureTriggers:
     """Reverse a feature-space trigger for every class (see the module docstring).
 
     Args:
         model: the classifier (not modified); units: its prunable units (``layer`` is one of
             them, default :func:`default_layer`).
-        x, y: images in [0, 1] and labels; every step uses all of them (10 per class is what
-            the measurements above used; one per class also found WaNet's target).
+        x, y: images in [0, 1] and labels (10 per class is what the measurements above used;
+            one per class also found WaNet's target).
+        batch_size: images per step. With this many or fewer, every step uses all of them (10
+            per class of 10 classes: the measurements above); with more, the images are dealt
+            into fixed batches of at most this many (image i to batch i mod B, so that each
+            batch holds every class) and the steps go round them. A step then costs K x
+            ``batch_size`` images, not K x N: with N = 10 per class of K classes it would grow
+            as K squared (ours; measured on GTSRB's 43 classes, BENCHMARKS.md).
         steps, lr, cost: Adam steps and learning rate, the L1 cost on the channel mask.
         rectify: mix after the layer's ReLU (see :func:`write`); "auto" (default): only where
             a ReLU follows the layer (:func:`relu_follows`), so that writing nothing leaves any
@@ -237,9 +244,10 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
     """
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ConfigError(f"trigger reverse needs a model with at least 2 classes, got {num_classes}")
-    if steps < 1 or lr <= 0 or cost < 0 or (pass_images is not None and pass_images < 1):
-        raise ConfigError("reverse_feature_triggers: steps, lr and pass_images must be positive, "
-                          "cost >= 0")
+    if steps < 1 or lr <= 0 or cost < 0 or batch_size < 1 or (
+            pass_images is not None and pass_images < 1):
+        raise ConfigError("reverse_feature_triggers: steps, lr, batch_size and pass_images must be "
+                          "positive, cost >= 0")
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or len(x) == 0 or y is None or len(y) != len(x):
         raise DataError("reverse_feature_triggers needs a non-empty image batch and one label per image")
     layer = default_layer(units) if layer is None else layer
@@ -251,8 +259,6 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
     dim = channel_dim(model.get_submodule(module))
     model = channels_last_copy(model, x[:8])  # same function, faster on CPU (engine/layout.py)
     evaluator = MaskEvaluator(model, units, x)
-    # whole classes per pass (a class's loss is a mean over all the images)
-    per_pass = max(1, (pass_images or images_per_pass(model, evaluator.images)) // len(x))
     y = y.to(evaluator.device)
     k = num_classes
     classes = torch.arange(k, device=evaluator.device)
@@ -293,7 +299,13 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
     value_w = torch.zeros(k, c, device=scale.device).requires_grad_(True)
     opt = torch.optim.Adam([mask_w, value_w], lr=lr)
     ones = torch.ones(k, units.total, device=scale.device)
-    labels = classes.repeat_interleave(len(x))
+    # the step batches, each with its own evaluator (its prefix activations cached once)
+    count = -(-len(x) // batch_size)
+    parts = [slice(None)] if count == 1 else [slice(b, None, count) for b in range(count)]
+    batches = [evaluator] if count == 1 else [MaskEvaluator(model, units, x[p]) for p in parts]
+    # whole classes per pass (a class's loss is a mean over the batch's images)
+    largest = max(ev.num_images for ev in batches)
+    per_pass = max(1, (pass_images or images_per_pass(model, evaluator.images)) // largest)
 
     def current():
         return torch.sigmoid(mask_w), F.softplus(value_w) * scale * 2
@@ -304,14 +316,18 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
         for run in range(1, steps + 1):
             m, v = current()
             grads = None
+            batch = batches[(run - 1) % count]
+            step_weight = weight[:, parts[(run - 1) % count]]
+            n = batch.num_images
             for c0 in range(0, k, per_pass):
                 c1 = min(k, c0 + per_pass)
-                logits = evaluator.edited_logits(ones[c0:c1], module,
-                                                 writer(m[c0:c1], v[c0:c1], dim, rectify, None, channels))
-                ce = F.cross_entropy(logits.reshape((c1 - c0) * len(x), -1),
-                                     labels[c0 * len(x):c1 * len(x)], reduction="none").reshape(c1 - c0, -1)
-                w = weight[c0:c1]
-                loss = ((ce * w).sum(1) / w.sum(1) + cost * m[c0:c1].sum(1)).sum()
+                logits = batch.edited_logits(ones[c0:c1], module,
+                                             writer(m[c0:c1], v[c0:c1], dim, rectify, None, channels))
+                ce = F.cross_entropy(logits.reshape((c1 - c0) * n, -1),
+                                     classes[c0:c1].repeat_interleave(n), reduction="none").reshape(c1 - c0, -1)
+                w = step_weight[c0:c1]
+                # clamp: a batch may hold no image outside a class (that class then adds nothing)
+                loss = ((ce * w).sum(1) / w.sum(1).clamp_min(1) + cost * m[c0:c1].sum(1)).sum()
                 check_finite(loss.detach(), "feature trigger reverse")
                 part = torch.autograd.grad(loss, [mask_w, value_w], retain_graph=c1 < k)
                 grads = part if grads is None else [a + b for a, b in zip(grads, part)]
@@ -329,7 +345,9 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
     return FeatureTriggers(layer=layer, module=module, channel_dim=dim, masks=m.detach().cpu(),
                            values=v.detach().cpu(), mask_norms=norms.cpu(),
                            attack_success=success.cpu(), anomaly_index=detection.anomaly_index,
-                           target=detection.target, evaluations=evaluator.evaluations, steps=run,
+                           target=detection.target, steps=run,
+                           evaluations=evaluator.evaluations + sum(
+                               ev.evaluations for ev in batches if ev is not evaluator),
                            flagged=detection.flagged, threshold=detection.threshold,
                            rectify=rectify, channels=channels)
 
