@@ -27,17 +27,25 @@ def main():
     ap.add_argument("--clean", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--feature-steps", type=int, default=None,
+                    help="fewer feature-reverse steps than ONP's (time per step only)")
+    ap.add_argument("--skip-pixel", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     options = Options()
+    if args.feature_steps:
+        options.feature_steps = args.feature_steps
     case = onp_inputs(args.run, options, clean=args.clean, seed=args.seed)
-    start = time.perf_counter()
-    found = pixel_reverse(case.model, case.fit, options, args.seed, False)
-    print(f"pixel: {time.perf_counter() - start:.1f} s, {found.steps} steps, flags {found.flagged}", flush=True)
+    if not args.skip_pixel:
+        start = time.perf_counter()
+        found = pixel_reverse(case.model, case.fit, options, args.seed, False)
+        print(f"pixel: {time.perf_counter() - start:.1f} s, {found.steps} steps, flags {found.flagged}", flush=True)
     for layer in dict.fromkeys([default_layer(case.units), last_conv_layer(case.units)]):
         start = time.perf_counter()
         found = feature_reverse(case.model, case.units, case.fit, options, args.seed, False, layer)
-        print(f"feature {layer}: {time.perf_counter() - start:.1f} s, flags {found.flagged}", flush=True)
+        seconds = time.perf_counter() - start
+        print(f"feature {layer}: {seconds:.1f} s, {seconds / found.steps:.2f} s/step, "
+              f"flags {found.flagged}", flush=True)
 
 
 if __name__ == "__main__":
