@@ -18,10 +18,10 @@ from .errors import CheckpointError, TrojanPruneError
 from .utils import atomic_directory, write_json_atomic
 
 RUN_FORMAT = "trojanprune-run"
-RUN_FORMAT_VERSION = 2        # the newest format this code reads
-# Version 2 adds the model adapter (input normalization, output selection); a run written
-# without one stays version 1, readable by older trojanprune.
-ADAPTER_FORMAT_VERSION = 2
+# The newest format, which this code reads and writes. Version 2 adds the model adapter (input
+# normalization, output selection); a run written without one stays version 1, readable by
+# older trojanprune.
+RUN_FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
 RECORD_FILE = "run.json"
 
@@ -91,7 +91,7 @@ def save_run(out_dir: str | Path, model: nn.Module, record: dict, force: bool = 
     (.safetensors), a CHW image (.png), text (a ``str``, written as UTF-8, e.g. an HTML
     report) or JSON-able data (anything else)."""
     adapted = bool((record.get("model") or {}).get("adapter"))
-    record = {"format": RUN_FORMAT, "format_version": ADAPTER_FORMAT_VERSION if adapted else 1,
+    record = {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION if adapted else 1,
               **{k: v for k, v in record.items() if k != "format_version"}, "versions": versions()}
     with atomic_directory(out_dir, force=force) as tmp:
         save_file(contiguous_state(model), str(tmp / WEIGHTS_FILE))

@@ -31,10 +31,10 @@ def open_model(path: str | Path, *, arch: str | None = None, model_def: str | No
     ``adapter``: :class:`~trojanprune.models.Adapted` arguments for a weights file's model (a
     run directory records its own)."""
     path = Path(path)
-    if is_run_dir(path) and adapter:
-        raise ConfigError(f"{path} is a run directory, which records how its model is used; the "
-                          f"input normalization and output options are for a weights file")
     if is_run_dir(path):
+        if adapter:
+            raise ConfigError(f"{path} is a run directory, which records how its model is used; "
+                              f"the input normalization and output options are for a weights file")
         run = load_run(path)
         ds = dict(run.record["dataset"])
         if dataset and dataset != ds["name"]:

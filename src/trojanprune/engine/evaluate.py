@@ -30,6 +30,7 @@ from torch import nn
 from ..errors import ConfigError, TrojanPruneError
 from .layout import channels_last_copy
 from .masks import ChannelMasks, MaskInput, as_group_masks, hook_specs, scale_channels
+from .memory import leaf_output_bytes
 from .units import Units
 
 _WARNED: set[str] = set()
@@ -259,7 +260,8 @@ class MaskEvaluator:
     # -- hook path (no prefix reuse) ------------------------------------------------------
     def _logits_hooks(self, masks: dict[str, torch.Tensor], m: int, edit=None) -> torch.Tensor:
         if self._model_bytes is None and self.chunk is None:
-            self._model_bytes = _largest_activation(self.model, self.images[:1])
+            # the largest module output for one image sizes the hook path's chunks
+            self._model_bytes = max(leaf_output_bytes(self.model, self.images[:1]), default=0)
         mask_blocks, image_blocks = self._blocks(m, self._model_bytes or 0)
         rows = []
         block = [0, 0]
@@ -519,23 +521,6 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return m in self._leaves or super().is_leaf_module(m, qualname)
-
-
-def _largest_activation(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the largest module output for one image (sizes the hook path's chunks)."""
-    sizes = [0]
-
-    def hook(module, inputs, output):
-        if isinstance(output, torch.Tensor):
-            sizes.append(output.numel() * output.element_size())
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
-    try:
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return max(sizes)
 
 
 def _ancestors(nodes) -> set[fx.Node]:

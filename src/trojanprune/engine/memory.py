@@ -26,14 +26,14 @@ from torch import nn
 CPU_BUDGET_BYTES = 4 << 30
 
 
-def activation_bytes(model: nn.Module, example: torch.Tensor) -> int:
-    """Sum of the leaf modules' output sizes, in bytes, for one image (``example[:1]``)."""
-    total = [0]
+def leaf_output_bytes(model: nn.Module, example: torch.Tensor) -> list[int]:
+    """Bytes of each leaf module call's output (its tensors) for one image (``example[:1]``),
+    in call order; the model runs in eval mode without gradients."""
+    sizes: list[int] = []
 
     def hook(module, inputs, output):
-        for out in output if isinstance(output, (tuple, list)) else (output,):
-            if isinstance(out, torch.Tensor):
-                total[0] += out.numel() * out.element_size()
+        outputs = output if isinstance(output, (tuple, list)) else (output,)
+        sizes.append(sum(o.numel() * o.element_size() for o in outputs if isinstance(o, torch.Tensor)))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     flags = {m: m.training for m in model.modules()}
@@ -46,7 +46,12 @@ def activation_bytes(model: nn.Module, example: torch.Tensor) -> int:
             h.remove()
         for m, flag in flags.items():
             m.training = flag
-    return max(1, total[0])
+    return sizes
+
+
+def activation_bytes(model: nn.Module, example: torch.Tensor) -> int:
+    """Sum of the leaf modules' output sizes, in bytes, for one image (``example[:1]``)."""
+    return max(1, sum(leaf_output_bytes(model, example)))
 
 
 def memory_budget(device: torch.device) -> int:
@@ -77,4 +82,5 @@ def _available_cpu_bytes() -> int | None:
     return None
 
 
-__all__ = ["CPU_BUDGET_BYTES", "activation_bytes", "images_per_pass", "memory_budget"]
+__all__ = ["CPU_BUDGET_BYTES", "activation_bytes", "images_per_pass", "leaf_output_bytes",
+           "memory_budget"]

@@ -126,7 +126,7 @@ def synthesize(model: nn.Module, num_classes: int, image_shape, per_class: int =
     flags = {m: m.training for m in model.modules()}
     model.eval()
     evaluations = 0
-    made, probs, final_bn = [], [], 0.0
+    made, batch_probs, final_bn = [], [], 0.0
     try:
         with progress_bar(progress) as bar:
             task = bar.add_task("data reverse", total=steps * -(-len(y) // per_batch))
@@ -157,11 +157,11 @@ def synthesize(model: nn.Module, num_classes: int, image_shape, per_class: int =
                     bar.advance(task)
                 with torch.no_grad():
                     stats.clear()
-                    probs.append(model(xb).softmax(-1))
+                    batch_probs.append(model(xb).softmax(-1))
                     final_bn += float(torch.stack(stats).sum()) if stats else 0.0
                     evaluations += 1
                 made.append(xb.detach())
-        probs = torch.cat(probs)
+        probs = torch.cat(batch_probs)
         accuracy = float((probs.argmax(-1) == y).float().mean())
         confidence = float(probs.gather(1, y.view(-1, 1)).mean())
     finally:
@@ -169,7 +169,7 @@ def synthesize(model: nn.Module, num_classes: int, image_shape, per_class: int =
             h.remove()
         for module, flag in flags.items():
             module.training = flag
-    return SynthesizedData(torch.cat(made).clone(), y.clone(), accuracy, confidence, len(layers),
+    return SynthesizedData(torch.cat(made), y.clone(), accuracy, confidence, len(layers),
                            final_bn / len(made), steps, evaluations, warning)
 
 

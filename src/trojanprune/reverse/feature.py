@@ -300,9 +300,10 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
     opt = torch.optim.Adam([mask_w, value_w], lr=lr)
     ones = torch.ones(k, units.total, device=scale.device)
     # the step batches, each with its own evaluator (its prefix activations cached once)
-    count = -(-len(x) // batch_size)
-    parts = [slice(None)] if count == 1 else [slice(b, None, count) for b in range(count)]
-    batches = [evaluator] if count == 1 else [MaskEvaluator(model, units, x[p]) for p in parts]
+    batch_count = -(-len(x) // batch_size)
+    parts = ([slice(None)] if batch_count == 1
+             else [slice(b, None, batch_count) for b in range(batch_count)])
+    batches = [evaluator] if batch_count == 1 else [MaskEvaluator(model, units, x[p]) for p in parts]
     # whole classes per pass (a class's loss is a mean over the batch's images)
     largest = max(ev.num_images for ev in batches)
     per_pass = max(1, (pass_images or images_per_pass(model, evaluator.images)) // largest)
@@ -316,8 +317,8 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
         for run in range(1, steps + 1):
             m, v = current()
             grads = None
-            batch = batches[(run - 1) % count]
-            step_weight = weight[:, parts[(run - 1) % count]]
+            batch = batches[(run - 1) % batch_count]
+            step_weight = weight[:, parts[(run - 1) % batch_count]]
             n = batch.num_images
             for c0 in range(0, k, per_pass):
                 c1 = min(k, c0 + per_pass)
