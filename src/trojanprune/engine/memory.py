@@ -10,9 +10,10 @@ in one pass, nothing is split and the numbers are bit-for-bit those of a single 
 
 Sizing (ours): a pass with gradients keeps about every module's output for every image until
 its backward, so one image costs about the sum of the leaf modules' output sizes for one image
-(:func:`activation_bytes`). Measured with ``reverse_triggers`` on 43 classes x 32 images at
-32x32: peak RSS 1.79 MiB per image for ``resnet20`` (estimate 1.82) and 4.39 for
-``preact_resnet18`` (estimate 4.48). The budget is half the free memory on a GPU, and on a CPU
+(:func:`activation_bytes`). Measured by ``benchmarks/reverse_memory.py`` for one pass of
+1,344 images at 32x32: a peak RSS of 2,554 MiB for ``resnet20``, where the estimate (1.82 MiB
+an image) predicts 2,446 MiB, and 6,273 MiB for ``preact_resnet18``, where it (4.48) predicts
+6,021 MiB. The budget is half the free memory on a GPU, and on a CPU
 4 GiB or half of the available memory, whichever is smaller.
 """
 
