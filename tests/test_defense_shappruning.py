@@ -240,3 +240,53 @@ def test_auto_follows_the_feature_reverse_only_where_neural_cleanse_is_silent_or
     assert run([0], [3], reverse="feature").details["trigger_space"] == "feature"
     with pytest.raises(ConfigError, match="reverse must be one of"):
         tp.repair(backdoor_case.model, few, method="shappruning", reverse="both")
+
+
+def test_clean_label_rule_takes_a_large_mask_class_the_model_no_longer_recognises(
+        backdoor_case, few, monkeypatch):
+    """Where Neural Cleanse flags no small mask and no feature flag is followed, a class with
+    an outlying LARGE mask is the target only if the model misclassifies its own few images
+    (a clean-label backdoor, e.g. SIG, displaces the target's natural features)."""
+    import dataclasses
+
+    import trojanprune.defenses.shappruning as shap
+    from trojanprune.reverse import anomaly_index
+
+    cheap = dict(FAST, reverse_steps=40, feature_steps=40, permutations=10, warmup=2)
+    pixel_reverse, feature_reverse, predict = (shap.reverse_triggers, shap.reverse_feature_triggers,
+                                               shap.predict)
+    large = torch.tensor([10, 11, 12, 10.5, 30, 9, 10.5, 11.5, 12.5, 9.5])  # class 4: index > 2, high
+    assert float(anomaly_index(large)[4]) > 2 and float(large[4]) > float(large.median())
+
+    def run(misclassified, pixel_flags=(), **options):
+        norms = large
+        monkeypatch.setattr(shap, "reverse_triggers", lambda *a, **k: dataclasses.replace(
+            pixel_reverse(*a, **k), mask_norms=norms, anomaly_index=anomaly_index(norms),
+            flagged=list(pixel_flags), target=pixel_flags[0] if pixel_flags else None))
+        monkeypatch.setattr(shap, "reverse_feature_triggers", lambda *a, **k: dataclasses.replace(
+            feature_reverse(*a, **k), flagged=[], target=None))
+
+        def wrong_on(model, x, *a, **k):  # the model's predictions, with one class's images wrong
+            pred = predict(model, x, *a, **k)
+            return torch.where(few.labels == misclassified, (pred + 1) % 10, pred) if (
+                misclassified is not None) else pred
+        monkeypatch.setattr(shap, "predict", wrong_on)
+        return tp.repair(backdoor_case.model, few, method="shappruning", seed=0, **cheap, **options)
+
+    taken = run(misclassified=4)
+    assert taken.verdict == "backdoor detected" and taken.target == 4
+    assert taken.details["clean_label"]["suspects"] == [4]
+    assert taken.details["trigger"]["class"] == 4 and "clean-label" in taken.details["trigger"]["source"]
+    assert taken.details["evaluations"]["clean_label"] == 1
+    assert taken.pruned and taken.details["shapley"]["images"] == int((few.labels != 4).sum())
+    # a large mask on a class the model still recognises is a naturally hard class: no verdict
+    hard = run(misclassified=None)
+    assert hard.verdict == "no backdoor detected" and not hard.pruned
+    seen = hard.details["clean_label"]
+    assert seen["large_masks"] == [4] and seen["suspects"] == [] and seen["class_accuracy"][4] == 1.0
+    # another class misclassified does not make class 4 a suspect
+    assert run(misclassified=7).verdict == "no backdoor detected"
+    # the rule can be turned off, and a small-mask flag decides before it is consulted
+    assert run(misclassified=4, suspect_large_masks=False).verdict == "no backdoor detected"
+    flagged = run(misclassified=4, pixel_flags=(5,))
+    assert flagged.target == 5 and "clean_label" not in flagged.details

@@ -66,6 +66,7 @@ from torch import nn
 from ..engine import MaskEvaluator, apply_masks_permanently, discover_units
 from ..errors import ConfigError, DataError
 from ..progress import log, progress_bar
+from ..reverse import LARGE_MASK_ACCURACY_RATIO
 from ..utils import derive_seed
 from . import register
 from .base import CleanData, Defense, RepairResult
@@ -185,7 +186,7 @@ class Options:
     feature_layer: Any = None
     suspect_large_masks: bool = True
     suspect_last_layer: bool = True
-    large_mask_accuracy_ratio: float = 0.5
+    large_mask_accuracy_ratio: float = LARGE_MASK_ACCURACY_RATIO
     suspect_weights: str = "equal"
     anp_eps: float = 0.4
     anp_iterations: int = 2000

@@ -21,8 +21,11 @@ What is OUR reconstruction (the paper does not publish these details):
    problem, adaptive cost schedule (:func:`trojanprune.reverse.reverse_triggers`). By default
    (``reverse="auto"``, ours) a feature-space reverse is consulted where Neural Cleanse's
    verdict is silent or ambiguous (see ``Options.reverse``).
-3. Detection: MAD anomaly index of the mask L1 norms, threshold 2, low side only; the flagged
-   class with the smallest norm is the target. No flagged class -> verdict "no backdoor
+3. Detection: MAD anomaly index of the mask L1 norms, threshold 2, low side; the flagged
+   class with the smallest norm is the target. Where that flags nothing (and no feature-space
+   flag is followed), OUR clean-label rule (``suspect_large_masks``, shared with ONP): a
+   HIGH-side outlier whose own few clean images the model misclassifies is the target, and
+   the game is played on its (large) pixel trigger. No target -> verdict "no backdoor
    detected" and the model is returned unpruned, unless ``force`` (then the class with the
    smallest mask is treated as the target).
 4. Shapley estimation (:func:`trojanprune.shapley.estimate_shapley`): players are the channels
@@ -60,6 +63,7 @@ the true trigger and the test set are never seen.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -71,7 +75,9 @@ from torch import nn
 from ..engine import MaskEvaluator, apply_masks_permanently, discover_units, target_margin
 from ..engine.inputs import parse_input_shape, probe_input
 from ..errors import ConfigError, DataError, TrojanPruneError
-from ..reverse import FeatureTriggers, reverse_feature_triggers, reverse_triggers, synthesize
+from ..metrics import class_accuracies, predict
+from ..reverse import (LARGE_MASK_ACCURACY_RATIO, FeatureTriggers, high_side_outliers,
+                       reverse_feature_triggers, reverse_triggers, synthesize, unrecognised)
 from ..reverse.feature import default_layer
 from ..shapley import estimate_shapley
 from ..utils import derive_seed
@@ -123,6 +129,19 @@ class Options:
             feature reverse flagged the target both times it was run there (BENCHMARKS.md).
             Where Neural Cleanse is unambiguous, "auto" is the paper's method at its cost.
         feature_steps: Adam steps of the feature-space reverse (300, ours).
+        suspect_large_masks: where the low-side test flags no class and no feature-space flag
+            is followed, a class whose pixel mask is a HIGH-side MAD outlier (index > the
+            anomaly threshold) and whose own few clean images the model misclassifies is the
+            target (True, OURS; ONP's option of the same name). Why: a clean-label backdoor
+            (SIG) poisons the target's own training images, so the model stops recognising
+            clean images of it, and only an abnormally large patch reaches it: on the CIFAR-10
+            SIG zoo models the target's mask is the largest from the 10 images (index 12.0 and
+            7.2) and its one clean image is misclassified, while Neural Cleanse's low side flags
+            nothing (BENCHMARKS.md). Few-shot only: synthesized images are made to be
+            classified as their class, so data-free mode cannot see the misclassification.
+        large_mask_accuracy_ratio: "misclassifies" means accuracy on the class's own images
+            below this fraction of the median class's (0.5, ours, as ONP's); with one image
+            per class, the class's one image is wrong while most classes' are right.
     Shapley estimation:
         layers: unit groups whose channels are the players: "last:N", "first:N", "all", or
             comma-separated group names ("last:2", ours: the deepest layers carry the backdoor
@@ -171,6 +190,8 @@ class Options:
     force: bool = False
     reverse: str = "auto"
     feature_steps: int = 300
+    suspect_large_masks: bool = True
+    large_mask_accuracy_ratio: float = LARGE_MASK_ACCURACY_RATIO
     layers: str = "last:2"
     kind: str = "conv"
     value: str = "margin"
@@ -217,6 +238,9 @@ class Options:
             raise ConfigError("stop_rate must be in [0, 1) and acc_tolerance in [0, 1]")
         if not 0 <= self.margin_tolerance <= 1 or self.stop_lift < 0:
             raise ConfigError("margin_tolerance must be in [0, 1] and stop_lift >= 0")
+        if not 0 <= self.large_mask_accuracy_ratio <= 1:
+            raise ConfigError(f"large_mask_accuracy_ratio must be in [0, 1], got "
+                              f"{self.large_mask_accuracy_ratio!r}")
         if not 0 < self.success_threshold <= 1:
             raise ConfigError(f"success_threshold must be in (0, 1], got {self.success_threshold!r}")
         if self.reverse_lr <= 0 or self.init_cost < 0 or self.anomaly_threshold <= 0:
@@ -289,10 +313,7 @@ class ShapPruning(Defense):
         seconds["trigger_reverse"] = time.perf_counter() - start
         evals["trigger_reverse"] = rev.evaluations
         details["reverse"] = rev.summary()
-        suspect = rev.suspect
-        images["trigger_mask"] = rev.masks[suspect].clone()
-        images["trigger_pattern"] = rev.patterns[suspect].clone()
-        images["trigger_stamp"] = (rev.masks[suspect] * rev.patterns[suspect]).clone()
+        images.update(_trigger_images(rev))
         details["trigger"] = _trigger_summary(rev)
         if k < 3 and not o.force:
             # with two classes both mask norms are equally far from their median: MAD flags none
@@ -321,6 +342,12 @@ class ShapPruning(Defense):
         elif o.reverse == "auto":
             details["feature_reverse"] = {"skipped": f"the pixel-space reverse flags one class "
                                           f"({rev.target}), so it decides"}
+        if clean is not None and o.suspect_large_masks and not (
+                isinstance(rev, FeatureTriggers) or rev.flagged):
+            rev = _clean_label_target(model, rev, x, y, k, o, details, evals)
+            if rev.target is not None:  # the game is played on that class's trigger
+                images.update(_trigger_images(rev))
+                details["trigger"] = _trigger_summary(rev, source="large mask, clean-label rule")
         details["trigger_space"] = "feature" if isinstance(rev, FeatureTriggers) else "pixel"
 
         result = RepairResult(model=model, method=self.name, verdict=rev.verdict,
@@ -411,6 +438,32 @@ def _follow_feature(pixel, feature) -> bool:
         return c in pixel.flagged and c != pixel.target
     norms = pixel.mask_norms
     return bool(norms[c] < norms.median()) and float(pixel.anomaly_index[c]) >= CORROBORATION_INDEX
+
+
+def _clean_label_target(model, rev, x, y, k: int, o: Options, details: dict, evals: dict):
+    """``suspect_large_masks``: where no small mask is flagged, the high-side outlier that the
+    model misclassifies on its own clean images becomes the target (the largest such mask when
+    several are); ``rev`` unchanged when there is none. Says what it saw in ``details``."""
+    large = high_side_outliers(rev.mask_norms, rev.threshold)
+    if not large:
+        details["clean_label"] = {"large_masks": []}
+        return rev
+    accuracy = torch.tensor(class_accuracies(predict(model, x), y.cpu(), k)) / 100
+    evals["clean_label"] = 1
+    suspects = unrecognised(large, accuracy, o.large_mask_accuracy_ratio)
+    details["clean_label"] = {"large_masks": large, "suspects": suspects,
+                              "class_accuracy": [round(float(a), 4) for a in accuracy]}
+    if not suspects:
+        return rev
+    target = max(suspects, key=lambda c: float(rev.mask_norms[c]))
+    return dataclasses.replace(rev, target=target)
+
+
+def _trigger_images(rev) -> dict[str, torch.Tensor]:
+    """The pixel-space suspect's mask, pattern and stamp, for the report and the CLI."""
+    k = rev.suspect
+    return {"trigger_mask": rev.masks[k].clone(), "trigger_pattern": rev.patterns[k].clone(),
+            "trigger_stamp": (rev.masks[k] * rev.patterns[k]).clone()}
 
 
 def _trigger_summary(rev, **extra) -> dict:

@@ -529,12 +529,14 @@ class SuspectsProbe(Probe):
         backdoor displaced that class's natural features, a naturally hard class still keeps them."""
         if not classes:
             return []
+        from ..reverse import LARGE_MASK_ACCURACY_RATIO, unrecognised
+
         self.setup_evaluations += 1
         acc = torch.tensor(class_accuracies(predict(self.model, self.fit.x), self.fit.y.cpu(),
                                             self.fit.num_classes)) / 100
         self.class_accuracy = acc
-        bar = float(getattr(self.options, "large_mask_accuracy_ratio", 0.5)) * float(acc.nanmedian())
-        return [c for c in classes if bool(acc[c] < bar)]
+        return unrecognised(classes, acc, getattr(self.options, "large_mask_accuracy_ratio",
+                                                  LARGE_MASK_ACCURACY_RATIO))
 
     def _strongest(self, probes: list[Probe], columns: int) -> torch.Tensor:
         if not probes:

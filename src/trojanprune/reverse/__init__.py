@@ -7,17 +7,19 @@
   and SIG's, which the pixel-space reverse misses).
 - :func:`synthesize` (``data.py``): DeepInversion-style images per class from the model alone
   (class confidence + BatchNorm statistics + image priors), for data-free defenses.
-- :func:`detect_outlier` / :func:`anomaly_index` (``detect.py``): Neural Cleanse's MAD test.
+- :func:`detect_outlier` / :func:`anomaly_index` (``detect.py``): Neural Cleanse's MAD test;
+  :func:`high_side_outliers` and :func:`unrecognised` (ours): large-mask, clean-label suspects.
 
 Shared by ShapPruning (its first three stages) and ONP (its default backdoor probe).
 """
 
 from .data import SynthesizedData, synthesize
-from .detect import ANOMALY_THRESHOLD, Detection, anomaly_index, detect_outlier, high_side_outliers
+from .detect import (ANOMALY_THRESHOLD, LARGE_MASK_ACCURACY_RATIO, Detection, anomaly_index,
+                     detect_outlier, high_side_outliers, unrecognised)
 from .feature import FeatureTriggers, reverse_feature_triggers
 from .trigger import ReversedTriggers, reverse_triggers
 
-__all__ = ["ANOMALY_THRESHOLD", "Detection", "FeatureTriggers", "ReversedTriggers",
-           "SynthesizedData", "anomaly_index", "detect_outlier", "high_side_outliers",
-           "reverse_feature_triggers",
-           "reverse_triggers", "synthesize"]
+__all__ = ["ANOMALY_THRESHOLD", "Detection", "FeatureTriggers", "LARGE_MASK_ACCURACY_RATIO",
+           "ReversedTriggers", "SynthesizedData", "anomaly_index", "detect_outlier",
+           "high_side_outliers", "reverse_feature_triggers", "reverse_triggers", "synthesize",
+           "unrecognised"]

@@ -74,11 +74,33 @@ def detect_outlier(norms: torch.Tensor, threshold: float = ANOMALY_THRESHOLD) ->
 def high_side_outliers(norms: torch.Tensor, threshold: float = ANOMALY_THRESHOLD) -> list[int]:
     """The classes whose norm is ABOVE the median with an anomaly index > ``threshold``.
 
-    Not part of Neural Cleanse's test (which never flags large norms) and never reported as a
-    detection; ONP's ``suspects`` probe uses it as a source of suspects (see
-    :class:`trojanprune.onp.probes.SuspectsProbe` for why).
+    Not part of Neural Cleanse's test (which never flags large norms). ONP's ``suspects`` probe
+    and ShapPruning's ``suspect_large_masks`` rule use it, filtered by :func:`unrecognised`, to
+    find a clean-label target (see :class:`trojanprune.onp.probes.SuspectsProbe` for why).
     """
     return _outliers(norms, threshold, "high")[1]
 
 
-__all__ = ["ANOMALY_THRESHOLD", "Detection", "anomaly_index", "detect_outlier", "high_side_outliers"]
+#: a large-mask class is a clean-label suspect when the model's accuracy on its own clean images
+#: is below this fraction of the median class's (ours; ONP and ShapPruning share it)
+LARGE_MASK_ACCURACY_RATIO = 0.5
+
+
+def unrecognised(classes: list[int], class_accuracy: torch.Tensor,
+                 ratio: float = LARGE_MASK_ACCURACY_RATIO) -> list[int]:
+    """Those of ``classes`` (large-mask outliers) that the model hardly recognises on their own
+    clean images: accuracy below ``ratio`` x the median class's (OUR rule, not Neural Cleanse's).
+
+    Why: a clean-label backdoor (SIG) poisons the target's own training images, and the model
+    learns "target = trigger" instead of the class, so it stops recognising clean images of the
+    target (0% on both CIFAR-10 zoo archs, median class 84-88%), and only an abnormally large
+    patch reaches that class. A naturally hard class also needs a large patch but keeps its
+    accuracy (MNIST's 1 and 7 on the test fixture; CIFAR-10's dog, 48-68%).
+    """
+    class_accuracy = torch.as_tensor(class_accuracy, dtype=torch.float64).flatten()
+    bar = float(ratio) * float(class_accuracy.nanmedian())
+    return [int(c) for c in classes if bool(class_accuracy[c] < bar)]
+
+
+__all__ = ["ANOMALY_THRESHOLD", "Detection", "LARGE_MASK_ACCURACY_RATIO", "anomaly_index",
+           "detect_outlier", "high_side_outliers", "unrecognised"]
