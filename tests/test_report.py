@@ -208,6 +208,23 @@ def test_cli_repair_report(run_dir, shared_data_dir, tmp_path):
     assert not (plain / "report.html").exists() and (plain / "repair.json").is_file()
 
 
+def test_cli_repair_says_the_verdict_and_the_methods_decision(run_dir, shared_data_dir, tmp_path):
+    """Without --json a person reads the verdict, the target and why the method stopped: for
+    a model whose trigger is unknown (no ASR to print) they are the result."""
+    fast = ["--set", "reverse_steps=40", "--set", "permutations=10", "--set", "warmup=2",
+            "--set", "budget=0.03"]
+    result = CliRunner().invoke(app, ["repair", str(run_dir), "--method", "shappruning",
+                                      "--per-class", "1", *fast, "--data-dir", str(shared_data_dir),
+                                      "--out", str(tmp_path / "r"), "--no-eval"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "r" / "repair.json").read_text())
+    said = " ".join(result.output.split())  # the console wraps long lines
+    assert f"verdict: {record['verdict']}" in said
+    if record["target"] is not None:
+        assert f"target class {record['target']}" in said
+    assert f"shappruning: {record['details']['mitigation']['reason']}" in said
+
+
 def _chromium() -> str | None:
     for name in ("chromium", "chromium-headless-shell", "chromium-browser", "google-chrome"):
         if shutil.which(name):

@@ -287,6 +287,11 @@ def repair_cmd(
                 line += (f"  ASR {b['asr']:.2f}% -> {a['asr']:.2f}%  RA {b['ra']:.2f}% -> "
                          f"{a['ra']:.2f}%  DER {record['der']:.2f}%")
             log(line)
+        if result.verdict is not None:
+            log(f"verdict: {result.verdict}" + (f", target class {result.target}"
+                                                 if result.target is not None else ""))
+        if result.decision:
+            log(f"{method}: {result.decision}")
         log(f"{method}: pruned {record['pruned_count']} units in {record['seconds']:.1f} s "
             f"({record['evaluations']} model evaluations); saved {out}")
         if report:

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from .defenses.base import method_decision
 from .errors import ConfigError, TrojanPruneError
 from .utils import write_atomic
 
@@ -541,15 +542,6 @@ def _trigger_section(images: Mapping[str, torch.Tensor]) -> str:
             + f'<div class="trig">{"".join(figs)}</div>')
 
 
-def _decision(details: Mapping) -> str | None:
-    """The method's own one-line account of its choice, when its details carry one."""
-    for path in (("reason",), ("mitigation", "reason"), ("forced",), ("choice", "reason")):
-        value = _get(details, *path)
-        if isinstance(value, str) and value:
-            return value
-    return None
-
-
 def _curve_section(curve: list[dict] | None, record: Mapping) -> str:
     if curve and len(curve) < 2:
         row = curve[0]
@@ -675,8 +667,8 @@ def render_report(result, record: Mapping, *, curve: list[dict] | None = None,
         f'<p class="sub">Backdoor repair by pruning · method <b>{_e(method)}</b> · seed '
         f'{_e(record.get("seed", "—"))}</p>',
         f'<div class="badges">{badge_html}</div>',
-        (f'<p class="decision"><b>The method\'s decision:</b> {_e(_decision(details))}</p>'
-         if _decision(details) else ""),
+        (f'<p class="decision"><b>The method\'s decision:</b> {_e(method_decision(details))}</p>'
+         if method_decision(details) else ""),
         "<h2>Metrics before and after</h2>", _metrics_table(record),
         _trigger_section(images),
         _curve_section(curve, record),

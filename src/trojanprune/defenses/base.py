@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -69,6 +70,12 @@ class RepairResult:
     #: CHW float tensor in [0, 1]; the CLI saves each as <name>.png
     images: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    @property
+    def decision(self) -> str | None:
+        """The method's own one-line account of its choice (why it stopped, why it pruned
+        nothing), when its details carry one."""
+        return method_decision(self.details)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": self.method, "seed": self.seed, "seconds": round(self.seconds, 3),
@@ -78,6 +85,19 @@ class RepairResult:
             "verdict": self.verdict, "target": self.target,
             "options": _jsonable(self.options), "details": _jsonable(self.details),
         }
+
+
+def method_decision(details: Any) -> str | None:
+    """A result's (or a saved record's) ``details``: the method's one-line account of its
+    choice, where a defense writes one (``reason``, ``mitigation.reason``, ``forced``,
+    ``choice.reason``)."""
+    for path in (("reason",), ("mitigation", "reason"), ("forced",), ("choice", "reason")):
+        value = details
+        for key in path:
+            value = value.get(key) if isinstance(value, Mapping) else None
+        if isinstance(value, str) and value:
+            return value
+    return None
 
 
 def _jsonable(value):
