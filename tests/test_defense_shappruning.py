@@ -290,3 +290,12 @@ def test_clean_label_rule_takes_a_large_mask_class_the_model_no_longer_recognise
     assert run(misclassified=4, suspect_large_masks=False).verdict == "no backdoor detected"
     flagged = run(misclassified=4, pixel_flags=(5,))
     assert flagged.target == 5 and "clean_label" not in flagged.details
+
+
+def test_a_budget_that_runs_out_is_said_in_a_warning(backdoor_case, few):
+    """The fixture's backdoor is spread over ~6 channels: one channel cannot stop the reversed
+    trigger, and a Python caller is told so (not only in the details)."""
+    cheap = dict(reverse_steps=40, permutations=10, warmup=2)
+    with pytest.warns(UserWarning, match="budget ran out.*The backdoor may survive"):
+        r = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, budget=0.001, **cheap)
+    assert r.details["mitigation"]["budget_ran_out"] and len(r.pruned) == 1

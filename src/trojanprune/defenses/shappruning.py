@@ -400,6 +400,10 @@ class ShapPruning(Defense):
         evals["mitigation"] = trig.evaluations - used_before + guard.evaluations + plain.evaluations
         seconds["mitigation"] = time.perf_counter() - start
         details["mitigation"] = mitigation
+        if mitigation.get("budget_ran_out"):  # what a Python caller would otherwise not see
+            warnings.warn(f"ShapPruning: {mitigation['reason']}. The backdoor may survive; the "
+                          f"option budget ({o.budget} of the {all_units.total} prunable channels) "
+                          "allows more.", UserWarning, stacklevel=4)
         result.pruned = [units.unit_of(i) for i in chosen]
         result.model = apply_masks_permanently(model, units, result.pruned) if chosen else model
         result.target = target if rev.target is not None else None
@@ -553,7 +557,7 @@ def _mitigate(candidates: list[int], total: int, trig: MaskEvaluator, plain: Mas
                   f"(budget {budget} channels, {len(candidates)} candidates with positive Shapley "
                   f"value, {sum(not s['kept'] for s in walk)} vetoed by the clean guard)")
     out.update(pruned=len(chosen), after=_rounded(state), walk=walk, reason=reason,
-               trigger_stopped=stopped)
+               trigger_stopped=stopped, budget_ran_out=not stopped and len(chosen) >= budget)
     return chosen, out
 
 
