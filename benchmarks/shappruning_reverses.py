@@ -7,9 +7,10 @@ For each run: one clean image per class from the training split (seed 0; ``--per
 more), as ``benchmarks/shappruning.py`` draws them. On those images it runs the pixel-space
 reverse (Neural Cleanse) and the feature-space reverse, with ShapPruning's default options and
 seeds, and prints each one's wall time, flagged classes and MAD anomaly indices. It also prints
-what ``reverse=auto`` would follow. This is the evidence behind the ``auto`` rule
-(BENCHMARKS.md). Run it from another checkout (``PYTHONPATH=that/src``) to time two versions of
-the reverses back to back on the same day.
+what ``reverse=auto`` would follow, and, where nothing else decides, what the clean-label rule
+(``suspect_large_masks``) sees. This is the evidence behind both rules (BENCHMARKS.md). Run it
+from another checkout (``PYTHONPATH=that/src``) to time two versions of the reverses back to
+back on the same day.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ try:
     from trojanprune.defenses.shappruning import _follow_feature
 except ImportError:  # a checkout from before reverse=auto became the default: timings only
     _follow_feature = None
+try:
+    from trojanprune.defenses.shappruning import _clean_label_target
+except ImportError:  # a checkout from before the clean-label rule (stop 24)
+    _clean_label_target = None
 
 
 def main():
@@ -72,8 +77,15 @@ def main():
             auto = f"pixel {pixel.target} (one flag: the feature reverse is not run)"
         elif _follow_feature(pixel, feature):
             auto = f"feature {feature.target}"
+        elif pixel.target is not None:
+            auto = f"pixel {pixel.target}"
+        elif _clean_label_target is not None and o.suspect_large_masks:
+            seen = {}
+            taken = _clean_label_target(model, pixel, x, y, k, o, seen, {}).target
+            auto = (f"pixel {taken} (clean-label rule: {seen['clean_label']})" if taken is not None
+                    else f"no backdoor detected (clean-label rule: {seen['clean_label']})")
         else:
-            auto = f"pixel {pixel.target}" if pixel.target is not None else "no backdoor detected"
+            auto = "no backdoor detected"
         print(f"{run.name if hasattr(run, 'name') else path}: true target {target}\n"
               f"  pixel:   {pixel_s:.1f} s, {pixel.steps} steps, flags {pixel.flagged}, index "
               f"{[round(float(v), 2) for v in pixel.anomaly_index]}, norms "
