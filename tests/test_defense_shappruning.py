@@ -259,9 +259,8 @@ def test_clean_label_rule_takes_a_large_mask_class_the_model_no_longer_recognise
     assert float(anomaly_index(large)[4]) > 2 and float(large[4]) > float(large.median())
 
     def run(misclassified, pixel_flags=(), **options):
-        norms = large
         monkeypatch.setattr(shap, "reverse_triggers", lambda *a, **k: dataclasses.replace(
-            pixel_reverse(*a, **k), mask_norms=norms, anomaly_index=anomaly_index(norms),
+            pixel_reverse(*a, **k), mask_norms=large, anomaly_index=anomaly_index(large),
             flagged=list(pixel_flags), target=pixel_flags[0] if pixel_flags else None))
         monkeypatch.setattr(shap, "reverse_feature_triggers", lambda *a, **k: dataclasses.replace(
             feature_reverse(*a, **k), flagged=[], target=None))
