@@ -76,8 +76,13 @@ def test_result_carries_trigger_shapley_values_and_costs(repaired):
     assert r.images["trigger_mask"].shape == (1, 28, 28)
     assert r.images["trigger_pattern"].shape == (1, 28, 28)
     shap = details["shapley"]
-    assert shap["layers"] == ["features.14", "features.17"] and shap["players"] == 128
-    assert sum(len(v) for v in shap["values"].values()) == 128
+    # layers="auto": the six conv groups but the first two
+    assert shap["layers"] == ["features.7", "features.10", "features.14", "features.17"]
+    assert shap["players"] == 192 and sum(len(v) for v in shap["values"].values()) == 192
+    # the game's images: the nine non-target images under the pool's three triggers
+    pool = details["trigger_pool"]
+    assert pool["triggers"] == 3 and len(pool["mask_norms"]) == 2
+    assert shap["images"] == 3 * 9 and details["evaluations"]["trigger_pool"] > 0
     # the accelerations: fewer evaluations than plain permutation sampling would spend
     assert shap["evaluations"] < 0.5 * shap["evaluations_plain"]
     assert details["evaluations"]["shapley_plain"] == shap["evaluations_plain"]
@@ -89,7 +94,8 @@ def test_result_carries_trigger_shapley_values_and_costs(repaired):
 
 def test_shapley_ranking_beats_random_channels(backdoor_case, repaired):
     model, test, attack = backdoor_case.model, backdoor_case.test, backdoor_case.attack
-    units = discover_units(model, test.images[:1].float() / 255).select("last:2", kind="conv")
+    units = discover_units(model, test.images[:1].float() / 255).select(
+        repaired.details["shapley"]["layers"])
     values = units.join({k: torch.as_tensor(v) for k, v in repaired.details["shapley"]["values"].items()})
     top = values.argsort(descending=True)[:6]
     by_shapley = apply_masks_permanently(model, units, [units.unit_of(int(i)) for i in top])
@@ -151,6 +157,27 @@ def test_bad_input(backdoor_case, few):
         tp.repair(model, None, method="shappruning", input_shape="3,28,28")
 
 
+@pytest.mark.parametrize("groups, players", [(1, 1), (2, 1), (3, 2), (4, 3), (6, 4), (12, 8)])
+def test_auto_layers_leave_out_the_first_third_of_the_groups(groups, players):
+    from trojanprune.defenses.shappruning import _players
+
+    convs = [m for _ in range(groups) for m in (nn.Conv2d(2, 2, 3, padding=1), nn.ReLU())]
+    model = nn.Sequential(*convs, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3))
+    units = discover_units(model, torch.rand(1, 2, 6, 6))
+    chosen = _players(units, "auto", "conv")
+    assert chosen.names == units.names[groups - players:]
+    assert _players(units, "last:1", "conv").names == units.names[-1:]
+
+
+def test_trigger_pool_one_is_the_detections_trigger_alone(backdoor_case, few):
+    with pytest.raises(ConfigError, match="trigger_pool"):
+        tp.repair(backdoor_case.model, few, method="shappruning", trigger_pool=0)
+    alone = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, trigger_pool=1,
+                      **dict(FAST, permutations=10, warmup=2))
+    assert alone.target == 0 and "trigger_pool" not in alone.details
+    assert alone.details["shapley"]["images"] == int((few.labels != 0).sum())
+
+
 def test_single_class_model_is_refused():
     torch.manual_seed(0)
     one = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
@@ -202,7 +229,9 @@ def test_auto_follows_the_feature_reverse_only_where_neural_cleanse_is_silent_or
             norms = sizes.get("mask_norms", result.mask_norms)
             target = min(pixel_flags, key=lambda c: float(norms[c])) if pixel_flags else None
             return dataclasses.replace(result, flagged=list(pixel_flags), target=target, **sizes)
-        monkeypatch.setattr(shap, "reverse_triggers", lambda *a, **k: flag(pixel_reverse(*a, **k)))
+        # the target's extra triggers (trigger_pool, ``classes`` given) pass through unchanged
+        monkeypatch.setattr(shap, "reverse_triggers", lambda *a, **k: pixel_reverse(*a, **k)
+                            if "classes" in k else flag(pixel_reverse(*a, **k)))
         monkeypatch.setattr(shap, "reverse_feature_triggers",
                             lambda *a, **k: dataclasses.replace(feature_reverse(*a, **k), flagged=feature_flags,
                                                                 target=feature_flags[0] if feature_flags else None))
@@ -259,7 +288,8 @@ def test_clean_label_rule_takes_a_large_mask_class_the_model_no_longer_recognise
     assert float(anomaly_index(large)[4]) > 2 and float(large[4]) > float(large.median())
 
     def run(misclassified, pixel_flags=(), **options):
-        monkeypatch.setattr(shap, "reverse_triggers", lambda *a, **k: dataclasses.replace(
+        monkeypatch.setattr(shap, "reverse_triggers", lambda *a, **k: pixel_reverse(*a, **k)
+                            if "classes" in k else dataclasses.replace(
             pixel_reverse(*a, **k), mask_norms=large, anomaly_index=anomaly_index(large),
             flagged=list(pixel_flags), target=pixel_flags[0] if pixel_flags else None))
         monkeypatch.setattr(shap, "reverse_feature_triggers", lambda *a, **k: dataclasses.replace(
@@ -277,7 +307,8 @@ def test_clean_label_rule_takes_a_large_mask_class_the_model_no_longer_recognise
     assert taken.details["clean_label"]["suspects"] == [4]
     assert taken.details["trigger"]["class"] == 4 and "clean-label" in taken.details["trigger"]["source"]
     assert taken.details["evaluations"]["clean_label"] == 1
-    assert taken.pruned and taken.details["shapley"]["images"] == int((few.labels != 4).sum())
+    # the pixel trigger of the class taken, pooled with two more of it (trigger_pool)
+    assert taken.pruned and taken.details["shapley"]["images"] == 3 * int((few.labels != 4).sum())
     # a large mask on a class the model still recognises is a naturally hard class: no verdict
     hard = run(misclassified=None)
     assert hard.verdict == "no backdoor detected" and not hard.pruned

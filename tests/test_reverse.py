@@ -111,6 +111,26 @@ def test_reverse_finds_the_backdoor_target_from_one_image_per_class(backdoor_cas
                for g, p in zip(grads, model.parameters()))
 
 
+def test_reverse_of_chosen_classes_repeats_a_class_from_other_starts(backdoor_case):
+    """``classes``: several triggers for one class (ShapPruning's trigger_pool), each from its
+    own random start, each working, with no detection over them (they are not one per class)."""
+    few = data.clean_subset(backdoor_case.clean, per_class=1, seed=0)
+    x, y = few.tensors()
+    model = backdoor_case.model
+    rev = reverse_triggers(model, x, y, 10, classes=[0, 0], steps=150, seed=1)
+    assert rev.masks.shape == (2, 1, 28, 28) and rev.target is None and rev.flagged == []
+    assert not torch.allclose(rev.masks[0], rev.masks[1])  # two different stand-ins
+    assert rev.evaluations == rev.steps * 2 + 2
+    with torch.no_grad():
+        for i in range(2):
+            stamped = (1 - rev.masks[i]) * x[y != 0] + rev.masks[i] * rev.patterns[i]
+            assert (model(stamped).argmax(1) == 0).float().mean() >= 0.9
+            assert float(rev.attack_success[i]) >= 0.9
+    for bad in ([], [10], [-1]):
+        with pytest.raises(ConfigError, match="classes"):
+            reverse_triggers(model, x, y, 10, classes=bad, steps=1)
+
+
 def test_reverse_bad_input():
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
     x, y = torch.rand(3, 1, 4, 4), torch.arange(3)

@@ -29,8 +29,11 @@ What is OUR reconstruction (the paper does not publish these details):
    detected" and the model is returned unpruned, unless ``force`` (then the class with the
    smallest mask is treated as the target).
 4. Shapley estimation (:func:`trojanprune.shapley.estimate_shapley`): players are the channels
-   of ``layers`` (default: the last two conv groups); a coalition is the set of channels kept;
-   its value is the reversed trigger's effect on the few non-target images -- by default the
+   of ``layers`` (default ``auto``: every conv group but the first third); a coalition is the
+   set of channels kept; its value is the reversed trigger's effect on the few non-target
+   images, stamped with a POOL of ``trigger_pool`` (3) reversed triggers of the target (the
+   detection's and two more from other random starts, so that channels answering one
+   stand-in's particular pixels do not rank high) -- by default the
    mean *hinge margin* ``max(0, logit_target - max other logit)`` (smooth, 0 once the trigger
    no longer wins, which makes truncation meaningful), or ``value="success"``, the fraction
    sent to the target. Truncated permutation sampling; the discarding threshold stops sampling
@@ -143,11 +146,22 @@ class Options:
             below this fraction of the median class's (0.5, ours, as ONP's); with one image
             per class, the class's one image is wrong while most classes' are right.
     Shapley estimation:
-        layers: unit groups whose channels are the players: "last:N", "first:N", "all", or
-            comma-separated group names ("last:2", ours: the deepest layers carry the backdoor
-            features and keep the game small). With "all", first-layer channels can rank high
-            because removing them breaks the reversed pixel pattern itself, at an accuracy cost
-            the few images do not show (BENCHMARKS.md, "Which channels play").
+        trigger_pool: the game (and the mitigation's stop rule) is played on the few images
+            stamped with this many reversed triggers of the target: the detection's and
+            ``trigger_pool - 1`` more reversed for the target alone from other random starts
+            (3, ours; 1 = the detection's trigger alone, the paper's setting). A pixel-space
+            trigger only; a feature-space one is used alone.
+        layers: unit groups whose channels are the players: "auto", "last:N", "first:N", "all",
+            or comma-separated group names. "auto" (default, ours): every group but the first
+            third by execution order (rounded: 6 conv groups -> the last 4, 12 -> the last 8,
+            3 -> the last 2). Why not the first third: its channels answer a reversed pattern's
+            pixels rather than the backdoor's feature, and removing them costs accuracy the
+            few images do not show; with "all", first-layer channels rank high on the CIFAR-10
+            vgg_small BadNets model and the repair loses 7.4 points (BENCHMARKS.md, "Which
+            channels play"). Why not only the last two groups (the default until stop 25): the
+            backdoor runs through a few middle channels, and within the 1% budget the last two
+            groups cannot carry it off -- even an oracle that knows the trigger leaves 19.85%
+            ASR with 5 of their channels on that model (BENCHMARKS.md, "Stop 25").
         kind: "conv" (default; the paper prunes filters), "linear" or "any" group kinds. A
             model without conv layers plays its hidden linear neurons under "conv" (ours;
             ``details["shapley"]["players_kind"]`` says so).
@@ -192,7 +206,8 @@ class Options:
     feature_steps: int = 300
     suspect_large_masks: bool = True
     large_mask_accuracy_ratio: float = LARGE_MASK_ACCURACY_RATIO
-    layers: str = "last:2"
+    trigger_pool: int = 3
+    layers: str = "auto"
     kind: str = "conv"
     value: str = "margin"
     permutations: int = 100
@@ -230,6 +245,9 @@ class Options:
         for name in ("synth_per_class", "synth_steps", "reverse_steps", "permutations"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        if isinstance(self.trigger_pool, bool) or not isinstance(self.trigger_pool, int) or self.trigger_pool < 1:
+            raise ConfigError(f"trigger_pool must be an integer >= 1 (1: the detection's trigger "
+                              f"alone), got {self.trigger_pool!r}")
         if self.warmup < 0 or self.top_k < 0 or self.z < 0 or self.truncation_tol < 0:
             raise ConfigError("warmup, top_k, z and truncation_tol must be >= 0")
         if not 0 <= self.epsilon <= 1:
@@ -297,7 +315,7 @@ class ShapPruning(Defense):
         kind = None if o.kind == "any" else o.kind
         if kind == "conv" and not any(g.kind == "conv" for g in all_units):
             kind = "linear"  # no filters to play: the hidden neurons are the players
-        units = all_units.select(_layers(o.layers), kind=kind)
+        units = _players(all_units, o.layers, kind)
         budget = min(units.total, math.ceil(o.budget * all_units.total - 1e-9))
         if budget < 1:
             raise ConfigError(f"budget {o.budget} allows nothing to be pruned")
@@ -372,7 +390,11 @@ class ShapPruning(Defense):
         if isinstance(rev, FeatureTriggers):  # the trigger is written into a layer, not stamped
             trig = _WrittenTrigger(MaskEvaluator(model, units, x[victims]), rev, target)
         else:
-            trig = MaskEvaluator(model, units, rev.apply(x[victims], target))
+            stamped = rev.apply(x[victims], target)
+            if o.trigger_pool > 1:
+                stamped = torch.cat([stamped, self._trigger_pool(model, x, y, k, target, stamped,
+                                                                 details, evals, seconds)])
+            trig = MaskEvaluator(model, units, stamped)
         value_fn = backdoor_value_fn(trig, target, o.value)
         est = estimate_shapley(
             value_fn, units.total, permutations=o.permutations, truncation_tol=o.truncation_tol,
@@ -385,7 +407,7 @@ class ShapPruning(Defense):
         details["shapley"] = {
             **est.summary(), "layers": [g.name for g in units], "players_kind": kind or "any",
             "top_k": top_k,
-            "value": o.value, "images": int(victims.sum()),
+            "value": o.value, "images": trig.num_images,
             "values": {name: t for name, t in units.split(values).items()},
             "top": [[*units.unit_of(int(i)), round(float(values[i]), 6)] for i in est.ranking()[:top_k]],
         }
@@ -408,6 +430,35 @@ class ShapPruning(Defense):
         result.model = apply_masks_permanently(model, units, result.pruned) if chosen else model
         result.target = target if rev.target is not None else None
         return self._finish(result, evals, seconds)
+
+    def _trigger_pool(self, model, x, y, k: int, target: int, stamped: torch.Tensor,
+                      details: dict, evals: dict, seconds: dict) -> torch.Tensor:
+        """The target's trigger reversed ``trigger_pool - 1`` more times from other random
+        starts (ours); returns the non-target images stamped with each, to be pooled with the
+        detection's. Why: a reversed trigger is one stand-in among many for the attacker's.
+        Channels that answer its particular pixels (mostly early ones) change from start to
+        start; the channels the backdoor itself runs through answer every stand-in. On the
+        CIFAR-10 vgg_small BadNets model, with the last four conv groups playing, the top 5
+        channels of the game on 3 pooled triggers leave 2.43% ASR, on one trigger 9.31%
+        (BENCHMARKS.md, "Stop 25")."""
+        o = self.options
+        start = time.perf_counter()
+        extra = reverse_triggers(model, x, y, k, classes=[target] * (o.trigger_pool - 1),
+                                 steps=o.reverse_steps, lr=o.reverse_lr, init_cost=o.init_cost,
+                                 cost_schedule=o.cost_schedule,
+                                 success_threshold=o.success_threshold,
+                                 seed=derive_seed(self.seed, "trigger pool"),
+                                 progress=self.progress, device=self.device)
+        seconds["trigger_pool"] = time.perf_counter() - start
+        evals["trigger_pool"] = extra.evaluations
+        victims = x[y != target]
+        details["trigger_pool"] = {
+            "triggers": o.trigger_pool,
+            "mask_norms": [round(float(v), 3) for v in extra.mask_norms],
+            "attack_success": [round(float(v), 4) for v in extra.attack_success]}
+        return torch.cat([(1 - extra.masks[i].to(victims)) * victims
+                          + extra.masks[i].to(victims) * extra.patterns[i].to(victims)
+                          for i in range(len(extra.masks))])
 
     def _finish(self, result: RepairResult, evals: dict, seconds: dict) -> RepairResult:
         result.evaluations = int(sum(evals.values()))
@@ -487,6 +538,10 @@ class _WrittenTrigger:
     @property
     def evaluations(self) -> int:
         return self.evaluator.evaluations
+
+    @property
+    def num_images(self) -> int:
+        return self.evaluator.num_images
 
     def logits(self, masks) -> torch.Tensor:
         return self.evaluator.edited_logits(masks, self.features.module, self.edit, grad=False)
@@ -581,6 +636,15 @@ def _check_classes(k: int) -> None:
     if k < 2:
         raise ConfigError(f"shappruning needs a classifier with at least 2 classes (the backdoor "
                           f"sends inputs to another class); this model has {k} output(s)")
+
+
+def _players(all_units, layers: str, kind: str | None):
+    """The game's players: ``layers`` of ``all_units`` ("auto": every group of the kind but the
+    first third by execution order, rounded; see ``Options.layers``)."""
+    if str(layers).strip() == "auto":
+        n = len(list(all_units.select("all", kind=kind).groups))
+        return all_units.select(f"last:{n - round(n / 3)}", kind=kind)
+    return all_units.select(_layers(layers), kind=kind)
 
 
 def _layers(text: str):

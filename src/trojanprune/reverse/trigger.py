@@ -107,7 +107,8 @@ def reverse_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cla
                      success_threshold: float = 0.99, patience: int = 5,
                      early_stop_patience: int = 50, batch_size: int = 32,
                      anomaly_threshold: float = ANOMALY_THRESHOLD,
-                     pass_images: int | None = None) -> ReversedTriggers:
+                     pass_images: int | None = None,
+                     classes=None) -> ReversedTriggers:
     """Reverse a trigger for every class of ``model`` from images ``x`` (labels ``y``).
 
     Args:
@@ -127,6 +128,11 @@ def reverse_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cla
             (class, image) pairs are split into passes whose gradients are added up (the same
             gradient). None: as many as fit the memory budget (:mod:`trojanprune.engine.memory`),
             so that a model with many classes does not run out of memory.
+        classes: the candidate target of each trigger to reverse (default: every class once).
+            A class may repeat: each copy starts from its own random initialisation, which is
+            how ShapPruning gets several stand-ins for one target (``trigger_pool``, ours).
+            Given, the result's i-th trigger is for ``classes[i]`` and no detection is run
+            (``target`` None, nothing flagged).
     """
     if cost_schedule not in COST_SCHEDULES:
         raise ConfigError(f"cost_schedule must be one of {COST_SCHEDULES}, got {cost_schedule!r}")
@@ -146,8 +152,13 @@ def reverse_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cla
     model = channels_last_copy(model, x[:8])  # same function, faster on CPU (engine/layout.py)
     per_pass = pass_images or images_per_pass(model, x)
     n, c, h, w = x.shape
-    k = num_classes
-    classes = torch.arange(k, device=device)
+    if classes is None:
+        classes = torch.arange(num_classes, device=device)
+    else:
+        classes = torch.as_tensor(list(classes), dtype=torch.long, device=device)
+        if classes.numel() == 0 or bool(((classes < 0) | (classes >= num_classes)).any()):
+            raise ConfigError(f"classes must be a non-empty list of classes in 0..{num_classes - 1}")
+    k = len(classes)
     gen = torch.Generator().manual_seed(int(seed))
 
     def init(shape):
@@ -193,7 +204,7 @@ def reverse_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cla
                         pk, pi = pair_k[s:s + per_pass], pair_i[s:s + per_pass]
                         stamped = (1 - mask[pk]) * xb[pi] + (mask * pattern)[pk]
                         logits = model(stamped)
-                        ce = F.cross_entropy(logits, pk, reduction="none")
+                        ce = F.cross_entropy(logits, classes[pk], reduction="none")
                         ce_k = torch.zeros(k, device=device).index_add(0, pk, ce) / count
                         if s == 0:  # the L1 term once per step, with the first pass
                             l1 = mask.sum((1, 2, 3))
@@ -204,7 +215,7 @@ def reverse_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cla
                         part = torch.autograd.grad(loss, [mask_w, pattern_w],
                                                    retain_graph=s + per_pass < len(pair_k))
                         grads = part if grads is None else [a + b for a, b in zip(grads, part)]
-                        hits.append((logits.detach().argmax(-1) == pk).float())
+                        hits.append((logits.detach().argmax(-1) == classes[pk]).float())
                         # a retained graph lives as long as a tensor refers to it: free this
                         # pass's activations before the next pass runs
                         del stamped, logits, ce, ce_k, loss
@@ -254,33 +265,37 @@ def reverse_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cla
                 best_mask[never] = mask[never]
                 best_pattern[never] = pattern[never]
                 best_norm = torch.where(never, mask.sum((1, 2, 3)), best_norm)
-            success = _success(model, x, y, best_mask, best_pattern)
+            success = _success(model, x, y, best_mask, best_pattern, classes.tolist())
             evaluations += k
     finally:
         for module, flag in flags.items():
             module.training = flag
         mask_w.grad = pattern_w.grad = None
-    detection = detect_outlier(best_norm.cpu(), anomaly_threshold)
+    if k == num_classes and bool((classes.cpu() == torch.arange(k)).all()):
+        detection = detect_outlier(best_norm.cpu(), anomaly_threshold)
+        index, target, flagged = detection.anomaly_index, detection.target, detection.flagged
+    else:  # not one trigger per class: the MAD test over classes does not apply
+        index, target, flagged = torch.full((k,), float("nan")), None, []
     return ReversedTriggers(
         masks=best_mask.cpu(), patterns=best_pattern.cpu(), mask_norms=best_norm.cpu(),
-        attack_success=success.cpu(), anomaly_index=detection.anomaly_index,
-        target=detection.target, evaluations=evaluations, flagged=detection.flagged,
-        threshold=detection.threshold, steps=run, costs=cost.cpu())
+        attack_success=success.cpu(), anomaly_index=index,
+        target=target, evaluations=evaluations, flagged=flagged,
+        threshold=anomaly_threshold, steps=run, costs=cost.cpu())
 
 
-def _success(model, x, y, masks, patterns, chunk: int = 256) -> torch.Tensor:
-    """(K,) fraction of the images not of class k that the k-th trigger sends to k."""
+def _success(model, x, y, masks, patterns, classes, chunk: int = 256) -> torch.Tensor:
+    """(K,) fraction of the images not of class ``classes[j]`` that the j-th trigger sends there."""
     k = masks.shape[0]
     out = torch.zeros(k)
-    for j in range(k):
-        keep = y != j
+    for j, cls in enumerate(classes):
+        keep = y != cls
         if not bool(keep.any()):
             continue
         xs = x[keep]
         hits = 0
         for s in range(0, len(xs), chunk):
             stamped = (1 - masks[j]) * xs[s:s + chunk] + masks[j] * patterns[j]
-            hits += int((model(stamped).argmax(-1) == j).sum())
+            hits += int((model(stamped).argmax(-1) == cls).sum())
         out[j] = hits / len(xs)
     return out
 

@@ -1,0 +1,87 @@
+"""A diagnosis, not a defense: the best k-channel prunings a greedy ORACLE finds.
+
+The oracle knows what no defense may use: the true trigger and the test split. At each step it
+adds the channel whose removal leaves the lowest attack success rate on triggered test images,
+among the channels that keep clean test accuracy within ``--max-drop`` points of the unpruned
+model's. It answers one question about a pruning budget: can ANY defense that prunes k channels
+of these layers meet a target (e.g. issue 4's ASR <= 5% at a drop of at most 3 points)? Greedy
+is not exhaustive, so a miss is strong evidence, not a proof; a hit is a proof.
+
+    TROJANPRUNE_DATA=../shared/datasets python benchmarks/oracle_pruning.py \
+        benchmarks/zoo/cifar10-vgg_small-badnets --layers last:2 --images 2000 --steps 8 \
+        --out benchmarks/results/oracle-pruning/vgg_small-badnets-last2.txt
+
+Cost: one masked evaluation of every remaining channel per step on 2 x ``--images`` images
+(vgg_small, last:2, 2,000 images: ~190 s a step on one thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from trojanprune.defenses.shappruning import _layers
+from trojanprune.engine import MaskEvaluator, discover_units
+from trojanprune.runs import load_run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", help="a run directory (its attack record gives the true trigger)")
+    ap.add_argument("--layers", default="last:2", help="players, as ShapPruning's layers option")
+    ap.add_argument("--images", type=int, default=2000,
+                    help="clean test images, and as many triggered non-target ones")
+    ap.add_argument("--steps", type=int, default=8, help="channels to add, one per step")
+    ap.add_argument("--max-drop", type=float, default=3.0, help="accuracy drop allowed, in points")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--out", default=None, help="also write the lines to this file")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    run = load_run(args.run)
+    model, attack = run.model, run.attack()
+    x, y = run.test_set(args.data_dir).tensors()
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    target = attack.target
+    clean_idx = order[:args.images]
+    victim_idx = order[y[order] != target][:args.images]
+    units = discover_units(model, x[:1]).select(_layers(args.layers))
+    clean = MaskEvaluator(model, units, x[clean_idx], y[clean_idx])
+    triggered = MaskEvaluator(model, units, attack.apply(x[victim_idx]))
+    total = units.total
+    base_acc = float(clean.accuracy(torch.ones(total)))
+    base_asr = float(triggered.target_rate(torch.ones(total), target))
+
+    lines = [f"{args.run} layers={args.layers} players={total} images={args.images} "
+             f"max_drop={args.max_drop} base acc={base_acc:.4f} asr={base_asr:.4f}"]
+    print(lines[-1], flush=True)
+    chosen: list[int] = []
+    for step in range(args.steps):
+        start = time.perf_counter()
+        rest = [i for i in range(total) if i not in chosen]
+        masks = torch.ones(len(rest), total)
+        for row, unit in enumerate(rest):
+            masks[row, chosen + [unit]] = 0
+        acc, asr = clean.accuracy(masks), triggered.target_rate(masks, target)
+        allowed = acc >= base_acc - args.max_drop / 100
+        if not bool(allowed.any()):
+            lines.append(f"k={step + 1}: every channel breaks the accuracy bound; stopped")
+            print(lines[-1], flush=True)
+            break
+        best = int(torch.where(allowed, asr, torch.full_like(asr, float("inf"))).argmin())
+        chosen.append(rest[best])
+        lines.append(f"k={step + 1} +{units.unit_of(rest[best])} acc={float(acc[best]):.4f} "
+                     f"({(float(acc[best]) - base_acc) * 100:+.2f}) asr={float(asr[best]):.4f} "
+                     f"[{time.perf_counter() - start:.0f}s]")
+        print(lines[-1], flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
