@@ -157,7 +157,7 @@ def test_bad_input(backdoor_case, few):
         tp.repair(model, None, method="shappruning", input_shape="3,28,28")
 
 
-@pytest.mark.parametrize("groups, players", [(1, 1), (2, 1), (3, 2), (4, 3), (6, 4), (12, 8)])
+@pytest.mark.parametrize("groups, players", [(1, 1), (2, 2), (3, 2), (4, 3), (5, 4), (6, 4), (12, 8)])
 def test_auto_layers_leave_out_the_first_third_of_the_groups(groups, players):
     from trojanprune.defenses.shappruning import _players
 

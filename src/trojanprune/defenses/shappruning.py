@@ -153,8 +153,8 @@ class Options:
             trigger only; a feature-space one is used alone.
         layers: unit groups whose channels are the players: "auto", "last:N", "first:N", "all",
             or comma-separated group names. "auto" (default, ours): every group but the first
-            third by execution order (rounded: 6 conv groups -> the last 4, 12 -> the last 8,
-            3 -> the last 2). Why not the first third: its channels answer a reversed pattern's
+            third by execution order, rounded down (6 conv groups -> the last 4, 12 -> the
+            last 8, 3 -> the last 2, 2 -> both). Why not the first third: its channels answer a reversed pattern's
             pixels rather than the backdoor's feature, and removing them costs accuracy the
             few images do not show; with "all", first-layer channels rank high on the CIFAR-10
             vgg_small BadNets model and the repair loses 7.4 points (BENCHMARKS.md, "Which
@@ -640,10 +640,10 @@ def _check_classes(k: int) -> None:
 
 def _players(all_units, layers: str, kind: str | None):
     """The game's players: ``layers`` of ``all_units`` ("auto": every group of the kind but the
-    first third by execution order, rounded; see ``Options.layers``)."""
+    first third by execution order, rounded down; see ``Options.layers``)."""
     if str(layers).strip() == "auto":
         n = len(list(all_units.select("all", kind=kind).groups))
-        return all_units.select(f"last:{n - round(n / 3)}", kind=kind)
+        return all_units.select(f"last:{n - n // 3}", kind=kind)
     return all_units.select(_layers(layers), kind=kind)
 
 
