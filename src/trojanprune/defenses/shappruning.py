@@ -384,7 +384,6 @@ class ShapPruning(Defense):
                                  "the class with the smallest reversed mask")
 
         # -- Shapley estimation -------------------------------------------------------------
-        start = time.perf_counter()
         top_k = o.top_k or max(10, 2 * budget)
         victims = y != target
         if not bool(victims.any()):
@@ -398,6 +397,7 @@ class ShapPruning(Defense):
                 stamped = torch.cat([stamped, self._trigger_pool(model, x, y, k, target, details,
                                                                  evals, seconds)])
             trig = MaskEvaluator(model, units, stamped)
+        start = time.perf_counter()  # after the pool's reverses, which have their own entry
         value_fn = backdoor_value_fn(trig, target, o.value)
         est = estimate_shapley(
             value_fn, units.total, permutations=o.permutations, truncation_tol=o.truncation_tol,
