@@ -231,7 +231,7 @@ def test_auto_follows_the_feature_reverse_only_where_neural_cleanse_is_silent_or
             return dataclasses.replace(result, flagged=list(pixel_flags), target=target, **sizes)
         # the target's extra triggers (trigger_pool, ``classes`` given) pass through unchanged
         monkeypatch.setattr(shap, "reverse_triggers", lambda *a, **k: pixel_reverse(*a, **k)
-                            if "classes" in k else flag(pixel_reverse(*a, **k)))
+                            if k.get("classes") is not None else flag(pixel_reverse(*a, **k)))
         monkeypatch.setattr(shap, "reverse_feature_triggers",
                             lambda *a, **k: dataclasses.replace(feature_reverse(*a, **k), flagged=feature_flags,
                                                                 target=feature_flags[0] if feature_flags else None))
@@ -289,7 +289,7 @@ def test_clean_label_rule_takes_a_large_mask_class_the_model_no_longer_recognise
 
     def run(misclassified, pixel_flags=(), **options):
         monkeypatch.setattr(shap, "reverse_triggers", lambda *a, **k: pixel_reverse(*a, **k)
-                            if "classes" in k else dataclasses.replace(
+                            if k.get("classes") is not None else dataclasses.replace(
             pixel_reverse(*a, **k), mask_norms=large, anomaly_index=anomaly_index(large),
             flagged=list(pixel_flags), target=pixel_flags[0] if pixel_flags else None))
         monkeypatch.setattr(shap, "reverse_feature_triggers", lambda *a, **k: dataclasses.replace(

@@ -325,12 +325,7 @@ class ShapPruning(Defense):
 
         # -- trigger reverse and detection ----------------------------------------------
         start = time.perf_counter()
-        rev = reverse_triggers(model, x, y, k, steps=o.reverse_steps, lr=o.reverse_lr,
-                               init_cost=o.init_cost, cost_schedule=o.cost_schedule,
-                               success_threshold=o.success_threshold,
-                               anomaly_threshold=o.anomaly_threshold,
-                               seed=derive_seed(self.seed, "trigger reverse"),
-                               progress=self.progress, device=self.device)
+        rev = self._pixel_reverse(model, x, y, k, "trigger reverse")
         seconds["trigger_reverse"] = time.perf_counter() - start
         evals["trigger_reverse"] = rev.evaluations
         details["reverse"] = rev.summary()
@@ -434,6 +429,16 @@ class ShapPruning(Defense):
         result.target = target if rev.target is not None else None
         return self._finish(result, evals, seconds)
 
+    def _pixel_reverse(self, model, x, y, k: int, seed_name: str, classes=None):
+        """Neural Cleanse's reverse with this repair's options (every class, or ``classes``)."""
+        o = self.options
+        return reverse_triggers(model, x, y, k, steps=o.reverse_steps, lr=o.reverse_lr,
+                                init_cost=o.init_cost, cost_schedule=o.cost_schedule,
+                                success_threshold=o.success_threshold,
+                                anomaly_threshold=o.anomaly_threshold, classes=classes,
+                                seed=derive_seed(self.seed, seed_name),
+                                progress=self.progress, device=self.device)
+
     def _trigger_pool(self, model, x, y, k: int, target: int, details: dict, evals: dict,
                       seconds: dict) -> torch.Tensor:
         """The target's trigger reversed ``trigger_pool - 1`` more times from other random
@@ -444,12 +449,8 @@ class ShapPruning(Defense):
         changes on the zoo, with and without it: BENCHMARKS.md, "Stop 25"."""
         o = self.options
         start = time.perf_counter()
-        extra = reverse_triggers(model, x, y, k, classes=[target] * (o.trigger_pool - 1),
-                                 steps=o.reverse_steps, lr=o.reverse_lr, init_cost=o.init_cost,
-                                 cost_schedule=o.cost_schedule,
-                                 success_threshold=o.success_threshold,
-                                 seed=derive_seed(self.seed, "trigger pool"),
-                                 progress=self.progress, device=self.device)
+        extra = self._pixel_reverse(model, x, y, k, "trigger pool",
+                                    classes=[target] * (o.trigger_pool - 1))
         seconds["trigger_pool"] = time.perf_counter() - start
         evals["trigger_pool"] = extra.evaluations
         victims = x[y != target]
