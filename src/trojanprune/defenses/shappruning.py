@@ -458,9 +458,8 @@ class ShapPruning(Defense):
             "triggers": o.trigger_pool,
             "mask_norms": [round(float(v), 3) for v in extra.mask_norms],
             "attack_success": [round(float(v), 4) for v in extra.attack_success]}
-        return torch.cat([(1 - extra.masks[i].to(victims)) * victims
-                          + extra.masks[i].to(victims) * extra.patterns[i].to(victims)
-                          for i in range(len(extra.masks))])
+        # apply() takes the trigger's index, which here is not its class
+        return torch.cat([extra.apply(victims, i) for i in range(len(extra.masks))])
 
     def _finish(self, result: RepairResult, evals: dict, seconds: dict) -> RepairResult:
         result.evaluations = int(sum(evals.values()))
