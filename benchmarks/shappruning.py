@@ -17,6 +17,8 @@ For every run directory ``<zoo>/<dataset>-<arch>-<attack>`` (or those named with
 4. curve (a diagnosis, like ``anp_curve.py``): the few-shot repair's Shapley ranking judged on
    the test split -- test ACC/ASR after pruning its top 1, 2, ... channels, whatever the budget
    and the stopping rule would choose: is a failure the ranking's or the stopping point's?
+5. walk (a diagnosis): each step of the repair's mitigation walk judged on the test split, with
+   what the clean guard saw and the KL that the optional ``kl_tolerance`` guard reads.
 
 ACC/ASR/RA/DER use the run's true trigger (``run.attack()``) on its test split, for evaluation
 only; the defense never sees them. Prints a Markdown report and writes it to ``--out``.
@@ -31,10 +33,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import trojanprune as tp
 from trojanprune import data, metrics
-from trojanprune.defenses.shappruning import backdoor_value_fn
+from trojanprune.defenses.shappruning import backdoor_value_fn, mean_kl, shifted_views
 from trojanprune.engine import MaskEvaluator, apply_masks_permanently, discover_units
 from trojanprune.runs import load_run
 from trojanprune.shapley import estimate_shapley
@@ -114,6 +117,36 @@ def ablation_rows(name: str, model, clean, result, test, attack, options, device
     return rows
 
 
+def walk_rows(name: str, model, clean, result, test, attack) -> list[str]:
+    """Each step of the repair's mitigation walk judged on the test split (a diagnosis): the
+    channels kept so far plus the step's candidate pruned, with what the clean guard saw on the
+    few images and the mean KL of the predictions on them and their shifted copies (what the
+    optional ``kl_tolerance`` guard reads)."""
+    if "shapley" not in result.details:
+        return [f"| {name} | (no backdoor detected: no walk) |"]
+    x, _ = clean.tensors()
+    units = discover_units(model, x[:1]).select(result.details["shapley"]["layers"])
+    fidelity = MaskEvaluator(model, units, shifted_views(x))
+    reference = F.log_softmax(fidelity.logits(torch.ones(1, units.total))[0], -1)
+    rows, kept = [], []
+    for step in result.details["mitigation"]["walk"]:
+        trial = kept + [step["unit"]]
+        mask = torch.ones(1, units.total)
+        mask[0, trial] = 0
+        kl = mean_kl(reference, fidelity.logits(mask)[0])
+        after = metrics.evaluate(apply_masks_permanently(model, units, [units.unit_of(i) for i in trial]),
+                                 test, attack)
+        layer, channel = units.unit_of(step["unit"])
+        row = (f"| {name} | {len(trial)} | {layer}:{channel} | {'kept' if step['kept'] else 'vetoed'} | "
+               f"{step['clean_acc']:.2f} | {step['clean_margin']:.3f} | {kl:.4f} | "
+               f"{step['trigger_rate']:.3f} | {step['trigger_lift']:.3f} | {after['acc']:.2f} | {after['asr']:.2f} |")
+        print(row, flush=True)
+        rows.append(row)
+        if step["kept"]:
+            kept.append(step["unit"])
+    return rows
+
+
 CURVE_COUNTS = list(range(1, 16)) + [20, 25, 30]
 
 
@@ -147,7 +180,7 @@ def main():
     ap.add_argument("--data-dir", default=None, help="dataset root (default: TROJANPRUNE_DATA)")
     ap.add_argument("--per-class", type=int, default=1)
     ap.add_argument("--modes", nargs="+", default=["few-shot", "data-free", "ablation"],
-                    choices=["few-shot", "data-free", "ablation", "curve"])
+                    choices=["few-shot", "data-free", "ablation", "curve", "walk"])
     ap.add_argument("--set", nargs="*", default=[], help="defense option key=value")
     ap.add_argument("--test-limit", type=int, default=0, help="evaluate on the first N test images (0: all)")
     ap.add_argument("--device", default="cpu")
@@ -164,7 +197,7 @@ def main():
     if not runs:
         raise SystemExit(f"no run directories in {zoo}; train the zoo first (benchmarks/zoo.py)")
 
-    repairs, ablation, curve = [], [], []
+    repairs, ablation, curve, walk = [], [], [], []
     for name in runs:
         run = load_run(zoo / name if (zoo / name).exists() else name)
         attack = run.attack()
@@ -179,7 +212,7 @@ def main():
         label = Path(name).name
         print(f"## {label}: before {before}", flush=True)
         few_result = None
-        if {"few-shot", "ablation", "curve"} & set(args.modes):
+        if {"few-shot", "ablation", "curve", "walk"} & set(args.modes):
             row, few_result = repair_row(label, f"{args.per_class}/class", run.model, clean, test,
                                          attack, before, options, args.device)
             repairs.append(row)
@@ -193,6 +226,8 @@ def main():
                                       args.device)
         if "curve" in args.modes and few_result is not None:
             curve += curve_rows(label, run.model, few_result, test, attack)
+        if "walk" in args.modes and few_result is not None:
+            walk += walk_rows(label, run.model, clean, few_result, test, attack)
 
     header = (f"ShapPruning, seed 0, {args.per_class} clean image(s) per class from the training "
               f"split (data-free: none), options {options or 'default'}; {platform.machine()}, "
@@ -212,6 +247,14 @@ def main():
                    "top-N channels pruned, whatever the budget and stopping rule choose):\n\n"
                    "| model | N | N-th channel | its Shapley value | ACC | ASR | |\n"
                    + "|---" * 7 + "|\n" + "\n".join(curve) + "\n")
+    if walk:
+        report += ("\nThe few-shot repair's mitigation walk judged on the test split (a diagnosis: "
+                   "at each step the channels kept so far plus the step's candidate pruned; clean "
+                   "ACC and margin on the few images, as the guard saw them; KL: mean KL divergence "
+                   "of the predictions on the few images and 8 shifted copies of each from the "
+                   "unpruned model's):\n\n"
+                   "| model | n | candidate | guard | few-image ACC | margin | KL | trigger rate | "
+                   "lift | test ACC | test ASR |\n" + "|---" * 11 + "|\n" + "\n".join(walk) + "\n")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)

@@ -329,3 +329,32 @@ def test_a_budget_that_runs_out_is_said_in_a_warning(backdoor_case, few):
     with pytest.warns(UserWarning, match="budget ran out.*The backdoor may survive"):
         r = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, budget=0.001, **cheap)
     assert r.details["mitigation"]["budget_ran_out"] and len(r.pruned) == 1
+
+
+def test_shifted_views_are_the_images_and_eight_shifts():
+    from trojanprune.defenses.shappruning import shifted_views
+
+    x = torch.arange(2 * 1 * 10 * 10, dtype=torch.float32).view(2, 1, 10, 10)
+    views = shifted_views(x)
+    assert views.shape == (18, 1, 10, 10) and torch.equal(views[:2], x)
+    # the second view is shifted one pixel (a tenth of 10) right, the left border replicated
+    assert torch.equal(views[2, 0, :, 1:], x[0, 0, :, :-1]) and torch.equal(views[2, 0, :, 0], x[0, 0, :, 0])
+
+
+def test_kl_guard_is_off_by_default_and_vetoes_what_moves_the_predictions(backdoor_case, few, repaired):
+    assert all("clean_kl" not in step for step in repaired.details["mitigation"]["walk"])
+    with pytest.raises(ConfigError, match="kl_tolerance"):
+        tp.repair(backdoor_case.model, few, method="shappruning", kl_tolerance=-1)
+    with pytest.raises(ConfigError, match="kl_tolerance"):
+        tp.repair(backdoor_case.model, few, method="shappruning", kl_tolerance="a little")
+    cheap = dict(FAST, permutations=10, warmup=2)
+    # any pruning moves the predictions a little: a near-zero tolerance vetoes every channel
+    strict = tp.repair(backdoor_case.model, few, method="shappruning", seed=0,
+                       kl_tolerance="1e-9", **cheap)
+    walk = strict.details["mitigation"]["walk"]
+    assert strict.pruned == [] and walk and all(not s["kept"] and s["clean_kl"] > 1e-9 for s in walk)
+    assert "vetoed by the clean guard" in strict.details["mitigation"]["reason"]
+    # a loose one vetoes nothing the other guards let through: the same pruning as without it
+    loose = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, kl_tolerance=100, **cheap)
+    plain = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, **cheap)
+    assert loose.pruned == plain.pruned and loose.pruned
