@@ -181,7 +181,11 @@ class Options:
         discard_threshold: "auto" (stop sampling a channel whose upper confidence bound is below
             the top_k-th largest lower bound), a number r (threshold r * (v(all) - v(none))),
             or "off" ("auto", ours).
-        greedy: epsilon-greedy choice of the channels each later permutation is spent on (True).
+        greedy: epsilon-greedy choice of the channels each later permutation is spent on (True,
+            the paper's acceleration). It halves the Shapley stage's evaluations, but its top 5
+            kept only 2 of plain sampling's on two vgg_small models, where truncation and the
+            discarding threshold kept all 5. Turned off, the repairs on the CIFAR-10 zoo got
+            better on 2 models and worse on 3 (BENCHMARKS.md, "Stop 26").
         epsilon: probability of a random (exploring) choice instead of the current top (0.2, ours).
         top_k: channels per greedy permutation and the "top" boundary of the discarding
             threshold (0 = auto: max(10, 2 x the pruning budget), ours).
