@@ -171,6 +171,26 @@ def make_options(cls: type, values: dict[str, Any], method: str):
         raise ConfigError(f"bad options for {method}: {exc}") from None
 
 
+def optional_number(value, name: str, *, integer: bool = False, none_words=("", "none")):
+    """An option whose default None means "off" or "the method decides" (the CLI passes it as
+    a string): None or one of ``none_words`` -> None, else a number (an integer if
+    ``integer``). A bool is refused, not read as 0 or 1."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in none_words):
+        return None
+    what = "an integer" if integer else "a number"
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+        if integer:
+            if number != int(number):
+                raise ValueError
+            return int(number)
+        return number
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"option {name} takes {what} or '{none_words[-1]}', got {value!r}") from None
+
+
 def check_finite(tensor: torch.Tensor, what: str) -> None:
     if not torch.isfinite(tensor).all():
         raise DataError(f"NaN or infinity appeared in {what}; the input model is untouched. Try a "

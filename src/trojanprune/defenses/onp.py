@@ -69,7 +69,7 @@ from ..progress import log, progress_bar
 from ..reverse import LARGE_MASK_ACCURACY_RATIO
 from ..utils import derive_seed
 from . import register
-from .base import CleanData, Defense, RepairResult
+from .base import CleanData, Defense, RepairResult, optional_number
 
 #: the clean-set size the method is meant for (BackdoorBench: 1% of CIFAR-10)
 RECOMMENDED_IMAGES = 500
@@ -223,9 +223,9 @@ class Options:
         from ..onp.graphs import EDGE_RULES
         from ..onp.probes import SUSPECT_WEIGHTS, available_probes
 
-        self.target = _optional_int(self.target, "target")
-        self.reverse_steps = _optional_int(self.reverse_steps, "reverse_steps")
-        self.reverse_batch_size = _optional_int(self.reverse_batch_size, "reverse_batch_size")
+        for name in ("target", "reverse_steps", "reverse_batch_size"):
+            setattr(self, name, optional_number(getattr(self, name), name, integer=True,
+                                                none_words=("", "auto", "none")))
         for name in ("confirm_on_all", "suspect_large_masks", "suspect_last_layer"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -262,17 +262,6 @@ class Options:
         if not self.lr > 0 or not 0 < self.clip < 1 or not self.unlearn_lr > 0:
             raise ConfigError(f"lr and unlearn_lr must be > 0 and clip in (0, 1); got {self.lr}, "
                               f"{self.unlearn_lr}, {self.clip}")
-
-
-def _optional_int(value, name: str) -> int | None:
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "auto")):
-        return None
-    try:
-        if isinstance(value, bool) or float(value) != int(float(value)):
-            raise ValueError
-        return int(float(value))
-    except (TypeError, ValueError):
-        raise ConfigError(f"option {name} takes an integer or 'none', got {value!r}") from None
 
 
 @register

@@ -89,7 +89,7 @@ from ..reverse.feature import default_layer
 from ..shapley import estimate_shapley
 from ..utils import derive_seed
 from . import register
-from .base import CleanData, Defense, RepairResult
+from .base import CleanData, Defense, RepairResult, optional_number
 
 _VALUES = ("margin", "success")
 _KINDS = ("conv", "linear", "any")
@@ -281,13 +281,8 @@ class Options:
             raise ConfigError("stop_rate must be in [0, 1) and acc_tolerance in [0, 1]")
         if not 0 <= self.margin_tolerance <= 1 or self.stop_lift < 0:
             raise ConfigError("margin_tolerance must be in [0, 1] and stop_lift >= 0")
-        if isinstance(self.kl_tolerance, str):  # from the CLI's --set
-            text = self.kl_tolerance.strip().lower()
-            try:
-                self.kl_tolerance = None if text in ("none", "off", "") else float(text)
-            except ValueError:
-                raise ConfigError(f"kl_tolerance must be 'off' or a number of nats, got "
-                                  f"{self.kl_tolerance!r}") from None
+        self.kl_tolerance = optional_number(self.kl_tolerance, "kl_tolerance",
+                                            none_words=("", "none", "off"))
         if self.kl_tolerance is not None and not self.kl_tolerance >= 0:
             raise ConfigError(f"kl_tolerance must be None (off) or >= 0 (nats), got "
                               f"{self.kl_tolerance!r}")
