@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from trojanprune.defenses.shappruning import _layers
+from trojanprune.defenses.shappruning import _players
 from trojanprune.engine import MaskEvaluator, discover_units
 from trojanprune.runs import load_run
 
@@ -49,7 +49,7 @@ def main() -> None:
     target = attack.target
     clean_idx = order[:args.images]
     victim_idx = order[y[order] != target][:args.images]
-    units = discover_units(model, x[:1]).select(_layers(args.layers))
+    units = _players(discover_units(model, x[:1]), args.layers, None)  # any kind, as before
     clean = MaskEvaluator(model, units, x[clean_idx], y[clean_idx])
     triggered = MaskEvaluator(model, units, attack.apply(x[victim_idx]))
     total = units.total
