@@ -7,7 +7,8 @@ and the ablation of the Shapley-estimation accelerations.
 For every run directory ``<zoo>/<dataset>-<arch>-<attack>`` (or those named with ``--runs``):
 
 1. few-shot: ``trojanprune.repair(model, clean, method="shappruning")`` with one clean image per
-   class drawn from the TRAINING split (``clean_subset(per_class=1)``), seed 0;
+   class drawn from the TRAINING split (``clean_subset(per_class=1)``), seed 0 (``--seed``: the
+   defense's seed and the draw of the images);
 2. data-free: the same with ``clean=None`` (images synthesized from the model);
 3. ablation: on the few-shot repair's reversed trigger (the result's ``trigger_mask`` and
    ``trigger_pattern``), the Shapley estimation again with (a) plain permutation sampling,
@@ -60,9 +61,10 @@ def der(before: dict, after: dict) -> float:
                              after["asr"] / 100)
 
 
-def repair_row(name: str, mode: str, model, clean, test, attack, before, options, device) -> tuple[str, object]:
+def repair_row(name: str, mode: str, model, clean, test, attack, before, options, device,
+               seed: int = 0) -> tuple[str, object]:
     start = time.perf_counter()
-    result = tp.repair(model, clean, method="shappruning", seed=0, device=device, **options)
+    result = tp.repair(model, clean, method="shappruning", seed=seed, device=device, **options)
     seconds = time.perf_counter() - start
     after = metrics.evaluate(result.model.cpu(), test, attack)
     d = result.details
@@ -78,7 +80,8 @@ def repair_row(name: str, mode: str, model, clean, test, attack, before, options
     return row, result
 
 
-def ablation_rows(name: str, model, clean, result, test, attack, options, device) -> list[str]:
+def ablation_rows(name: str, model, clean, result, test, attack, options, device,
+                  seed: int = 0) -> list[str]:
     """The accelerations, one at a time, on the few-shot repair's reversed trigger."""
     if "shapley" not in result.details:
         return [f"| {name} | (no backdoor detected: no Shapley estimation) |"]
@@ -99,7 +102,7 @@ def ablation_rows(name: str, model, clean, result, test, attack, options, device
         ev = MaskEvaluator(model, units, stamped)
         fn = backdoor_value_fn(ev, target, options.get("value", "margin"))
         kw = dict(permutations=int(options.get("permutations", 100)), warmup=int(options.get("warmup", 10)),
-                  top_k=top_k, seed=derive_seed(0, "shapley"))
+                  top_k=top_k, seed=derive_seed(seed, "shapley"))
         kw.update(kwargs)
         start = time.perf_counter()
         est = estimate_shapley(fn, units.total, **kw)
@@ -185,6 +188,8 @@ def main():
     ap.add_argument("--test-limit", type=int, default=0, help="evaluate on the first N test images (0: all)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the defense's seed and the draw of the clean images (model unchanged)")
     ap.add_argument("--out", default="benchmarks/results/shappruning.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -207,29 +212,29 @@ def main():
         ds = run.record["dataset"]
         train = data.load_dataset(ds["name"], "train", data_dir=args.data_dir,
                                   image_size=ds.get("image_size"))
-        clean = data.clean_subset(train, per_class=args.per_class, seed=0)
+        clean = data.clean_subset(train, per_class=args.per_class, seed=args.seed)
         before = metrics.evaluate(run.model, test, attack)
         label = Path(name).name
         print(f"## {label}: before {before}", flush=True)
         few_result = None
         if {"few-shot", "ablation", "curve", "walk"} & set(args.modes):
             row, few_result = repair_row(label, f"{args.per_class}/class", run.model, clean, test,
-                                         attack, before, options, args.device)
+                                         attack, before, options, args.device, args.seed)
             repairs.append(row)
         if "data-free" in args.modes:
             shape = ",".join(str(s) for s in ds["image_shape"])
             row, _ = repair_row(label, "data-free", run.model, None, test, attack, before,
-                                {"input_shape": shape, **options}, args.device)
+                                {"input_shape": shape, **options}, args.device, args.seed)
             repairs.append(row)
         if "ablation" in args.modes and few_result is not None:
             ablation += ablation_rows(label, run.model, clean, few_result, test, attack, options,
-                                      args.device)
+                                      args.device, args.seed)
         if "curve" in args.modes and few_result is not None:
             curve += curve_rows(label, run.model, few_result, test, attack)
         if "walk" in args.modes and few_result is not None:
             walk += walk_rows(label, run.model, clean, few_result, test, attack)
 
-    header = (f"ShapPruning, seed 0, {args.per_class} clean image(s) per class from the training "
+    header = (f"ShapPruning, seed {args.seed}, {args.per_class} clean image(s) per class from the training "
               f"split (data-free: none), options {options or 'default'}; {platform.machine()}, "
               f"{os.cpu_count()} cores, {args.threads} torch threads, device {args.device}\n\n")
     table = ("| model | data | verdict | target | ACC before | ASR before | RA before | ACC | ASR | RA | "
