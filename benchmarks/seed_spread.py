@@ -23,11 +23,14 @@ import re
 import statistics
 from pathlib import Path
 
+from trojanprune import metrics
+
 TARGETS = {"onp": (2.0, 2.0), "shappruning": (5.0, 3.0)}  # (ASR %, ACC drop in points)
 
 
 def der(acc_b, acc_a, asr_b, asr_a) -> float:
-    return 100 * (max(0.0, asr_b - asr_a) / 100 - max(0.0, acc_b - acc_a) / 100 + 1) / 2
+    """DER in %, from percentages (the toolkit's definition, on fractions)."""
+    return 100 * metrics.der(acc_b / 100, acc_a / 100, asr_b / 100, asr_a / 100)
 
 
 def seed_of(path: Path) -> int:
