@@ -108,8 +108,9 @@ def main():
                     help="grid results.jsonl: their onp and shappruning cells (read first, so a "
                          "file above for the same seed replaces them)")
     args = ap.parse_args()
-    methods = {"onp"} if args.onp else set()
-    methods |= {"shappruning"} if args.shappruning else set()
+    # the grid's cells of the methods whose per-seed files are given (with none given: both)
+    methods = {m for m, files in (("onp", args.onp), ("shappruning", args.shappruning)) if files}
+    methods = methods or set(TARGETS)
     rows = []
     for path in args.grid:
         rows += from_grid(path, methods)
