@@ -49,6 +49,7 @@ VARIANTS = {  # name -> estimate_shapley keyword arguments (on top of the defaul
     "+truncation": dict(discard=None, epsilon=None),
     "+discard": dict(epsilon=None),
     "+greedy (default)": dict(),
+    "+greedy, ucb rank": dict(greedy_rank="ucb"),
 }
 
 

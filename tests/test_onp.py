@@ -422,6 +422,27 @@ def test_suspects_probe_scores_every_flagged_trigger(backdoor_case, monkeypatch)
     # a user target: that class in both spaces
     fixed = create_probe("suspects", case.model, units, fit, held, Options(target=5, **one_layer), seed=0)
     assert fixed.suspects == [("pixel", 5, None), ("feature", 5, layer)] and fixed.target == 5
+    # suspect_combine="class": one class's triggers are one term, the largest of their scores,
+    # so disabling one of them (pruning the channels a feature trigger is written into) does
+    # not pay while the other still works
+    same = create_probe("suspects", case.model, units, fit, held,
+                        Options(target=3, suspect_combine="class", **one_layer), seed=0)
+    assert same.suspects == [("pixel", 3, None), ("feature", 3, layer)]
+    order = same.signal()[:, 2].argsort(descending=True)
+    cut = torch.ones(41, units.total)
+    for k in range(1, 41):
+        cut[k, order[:k]] = 0
+    both = torch.stack([q.score(cut).cpu() for q in same.parts])
+    assert torch.allclose(same.score(cut), both.amax(0))
+    per_trigger = create_probe("suspects", case.model, units, fit, held,
+                               Options(target=3, **one_layer), seed=0)
+    assert torch.allclose(per_trigger.score(cut), both.mean(0))
+    apart = (both[0] - both[1]).abs() > 0.1  # where one trigger is disabled more than the other
+    assert bool(apart.any()), both
+    assert (same.score(cut)[apart] > per_trigger.score(cut)[apart] + 0.05).all()
+    assert same.details()["combine"] == "class"
+    with pytest.raises(ConfigError, match="suspect_combine must be one of trigger, class"):
+        Options(suspect_combine="max")
     # nothing flagged anywhere: the smallest pixel mask, as the reversed-trigger probe
     _report_flags(monkeypatch, "reverse_feature_triggers", [])
     _report_flags(monkeypatch, "reverse_triggers", [])

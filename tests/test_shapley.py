@@ -38,10 +38,11 @@ def test_plain_permutation_sampling_matches_exact():
     assert est.ranking()[0] == 0
 
 
-def test_accelerated_estimate_keeps_the_top_players_right():
+@pytest.mark.parametrize("greedy_rank", ["mean", "ucb"])
+def test_accelerated_estimate_keeps_the_top_players_right(greedy_rank):
     exact = exact_shapley(toy_game, 6)
     est = estimate_shapley(toy_game, 6, permutations=3000, truncation_tol=0, discard="auto",
-                           epsilon=0.2, top_k=2, warmup=30, seed=0)
+                           epsilon=0.2, top_k=2, warmup=30, greedy_rank=greedy_rank, seed=0)
     top = exact.argsort(descending=True)[:2]
     assert set(est.ranking()[:2].tolist()) == set(top.tolist())
     assert (est.values[top] - exact[top]).abs().max() < 0.2
@@ -97,3 +98,19 @@ def test_bad_arguments():
         estimate_shapley(lambda keep: torch.zeros(1), 6)  # wrong number of values
     with pytest.raises(ConfigError):
         exact_shapley(toy_game, 30)
+
+
+def test_ucb_rank_also_samples_an_uncertain_player_that_may_belong_to_the_top():
+    from trojanprune.shapley import _epsilon_greedy, _upper
+    # player 0: mean 1.0 from 3 spread samples (0, 0, 3); players 1-3: 1.1-1.3 known precisely
+    total = torch.tensor([3.0, 110.0, 120.0, 130.0], dtype=torch.float64)
+    total_sq = torch.tensor([9.0, 121.0, 144.0, 169.0], dtype=torch.float64)
+    counts = torch.tensor([3, 100, 100, 100])
+    active = torch.ones(4, dtype=torch.bool)
+    gen = torch.Generator().manual_seed(0)
+    by_mean = _epsilon_greedy(total / counts, active, 2, 0.0, gen)
+    by_ucb = _epsilon_greedy(_upper(total, total_sq, counts, 2.0), active, 2, 0.0, gen)
+    assert torch.nonzero(by_mean).flatten().tolist() == [2, 3]
+    assert 0 in torch.nonzero(by_ucb).flatten().tolist()
+    with pytest.raises(ConfigError, match="greedy_rank"):
+        estimate_shapley(toy_game, 6, greedy_rank="best")

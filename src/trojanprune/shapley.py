@@ -26,6 +26,10 @@ Guan et al., CVPR 2022):
 * **Epsilon-greedy** (``epsilon``). After the warm-up, each permutation spends its evaluations
   on ``top_k`` players only: with probability ``1 - epsilon`` the current top ``top_k`` active
   players by estimated value, with probability ``epsilon`` ``top_k`` random active players.
+  "Top" ranks by the mean marginal so far (``greedy_rank="mean"``) or, optimistically, by its
+  upper confidence bound (``"ucb"``), which spends the exploiting permutations also on players
+  whose few samples leave them possibly in the top set (as a UCB bandit would), not only on
+  those already there.
   Only the coalitions just before and after a sampled player's position are evaluated
   (adjacent ones are shared), so a permutation costs at most ``2 * top_k`` evaluations instead
   of ``n - 1``. Each sampled marginal is still an unbiased sample of that player's Shapley
@@ -48,6 +52,7 @@ from .errors import ConfigError
 from .progress import progress_bar
 
 ValueFn = Callable[[torch.Tensor], torch.Tensor]
+_GREEDY_RANKS = ("mean", "ucb")
 
 
 @dataclass
@@ -91,7 +96,8 @@ def estimate_shapley(value_fn: ValueFn, n_players: int, *, permutations: int = 1
                      truncation_tol: float = 0.05, discard: str | float | None = "auto",
                      epsilon: float | None = 0.2, top_k: int = 10, warmup: int = 10,
                      z: float = 2.0, chunk: int = 64, max_evaluations: int | None = None,
-                     seed: int = 0, progress: bool = False) -> ShapleyEstimate:
+                     greedy_rank: str = "mean", seed: int = 0,
+                     progress: bool = False) -> ShapleyEstimate:
     """Estimate the Shapley value of each of ``n_players`` players of ``value_fn``.
 
     See the module docstring for the algorithm. ``truncation_tol=0``, ``discard=None`` and
@@ -109,6 +115,8 @@ def estimate_shapley(value_fn: ValueFn, n_players: int, *, permutations: int = 1
         raise ConfigError(f"epsilon must be in [0, 1] (or None to disable), got {epsilon}")
     if top_k < 1 or warmup < 0 or chunk < 1 or z < 0:
         raise ConfigError("top_k and chunk must be positive, warmup and z non-negative")
+    if greedy_rank not in _GREEDY_RANKS:
+        raise ConfigError(f"greedy_rank must be one of {_GREEDY_RANKS}, got {greedy_rank!r}")
     if isinstance(discard, str) and discard != "auto":
         raise ConfigError(f"discard must be 'auto', a number or None, got {discard!r}")
 
@@ -151,7 +159,9 @@ def estimate_shapley(value_fn: ValueFn, n_players: int, *, permutations: int = 1
                 active = _upper(total, total_sq, counts, z) >= threshold
             sampled = active.clone() if bandit else torch.ones(n, dtype=torch.bool)
             if bandit and epsilon is not None and int(sampled.sum()) > top_k:
-                sampled = _epsilon_greedy(total, counts, sampled, top_k, epsilon, gen)
+                score = (total / counts.clamp_min(1) if greedy_rank == "mean"
+                         else _upper(total, total_sq, counts, z))
+                sampled = _epsilon_greedy(score, sampled, top_k, epsilon, gen)
             if not bool(sampled.any()):
                 done += 1
                 bar.advance(task)
@@ -232,13 +242,12 @@ def _threshold(total, total_sq, counts, discard, top_k, z, span) -> float:
     return float(discard) * span
 
 
-def _epsilon_greedy(total, counts, active, top_k, epsilon, gen):
+def _epsilon_greedy(score, active, top_k, epsilon, gen):
     idx = torch.nonzero(active).flatten()
     if float(torch.rand((), generator=gen)) < epsilon:
         chosen = idx[torch.randperm(idx.numel(), generator=gen)[:top_k]]
     else:
-        means = (total / counts.clamp_min(1))[idx]
-        chosen = idx[torch.topk(means, top_k).indices]
+        chosen = idx[torch.topk(score[idx], top_k).indices]
     out = torch.zeros_like(active)
     out[chosen] = True
     return out

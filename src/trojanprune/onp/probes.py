@@ -87,6 +87,8 @@ from .graphs import channel_activations
 
 #: how the ``suspects`` probe averages its suspects' scores (Options.suspect_weights)
 SUSPECT_WEIGHTS = ("equal", "anomaly")
+#: how the ``suspects`` probe groups its suspects (Options.suspect_combine)
+SUSPECT_COMBINES = ("trigger", "class")
 
 PROBES: Registry = Registry("probe")
 
@@ -552,10 +554,18 @@ class SuspectsProbe(Probe):
 
     def score(self, masks: torch.Tensor) -> torch.Tensor:
         scores = torch.stack([p.score(masks).float().cpu() for p in self.parts])
+        if getattr(self.options, "suspect_combine", SUSPECT_COMBINES[0]) == "class":
+            # one term per suspect class: the largest score of its triggers, weighed by the
+            # sum of their weights (its backdoor is gone only once no stand-in works)
+            classes = torch.tensor([p.target for p in self.parts])
+            terms = [scores[classes == c].amax(0) * self.weights[classes == c].sum()
+                     for c in classes.unique()]
+            return torch.stack(terms).sum(0)
         return (self.weights[:, None] * scores).sum(0)
 
     def details(self) -> dict[str, Any]:
         return {"probe": self.name, "target": self.target,
+                "combine": getattr(self.options, "suspect_combine", SUSPECT_COMBINES[0]),
                 "suspects": [{"space": space, "class": c, "weight": round(float(w), 4),
                               **({"layer": layer} if layer else {})}
                              for (space, c, layer), w in zip(self.suspects, self.weights)],
