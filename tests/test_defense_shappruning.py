@@ -151,6 +151,8 @@ def test_bad_input(backdoor_case, few):
         tp.repair(model, few, method="shappruning", layers="no.such.layer")
     with pytest.raises(ConfigError):
         tp.repair(model, few, method="shappruning", discard_threshold="sometimes")
+    with pytest.raises(ConfigError, match="greedy_rank"):
+        tp.repair(model, few, method="shappruning", greedy_rank="best")
     with pytest.raises(ConfigError):
         tp.repair(model, None, method="shappruning", input_shape="28,28")
     with pytest.raises(ConfigError, match="input_shape"):

@@ -52,7 +52,7 @@ from .errors import ConfigError
 from .progress import progress_bar
 
 ValueFn = Callable[[torch.Tensor], torch.Tensor]
-_GREEDY_RANKS = ("mean", "ucb")
+GREEDY_RANKS = ("mean", "ucb")
 
 
 @dataclass
@@ -115,8 +115,8 @@ def estimate_shapley(value_fn: ValueFn, n_players: int, *, permutations: int = 1
         raise ConfigError(f"epsilon must be in [0, 1] (or None to disable), got {epsilon}")
     if top_k < 1 or warmup < 0 or chunk < 1 or z < 0:
         raise ConfigError("top_k and chunk must be positive, warmup and z non-negative")
-    if greedy_rank not in _GREEDY_RANKS:
-        raise ConfigError(f"greedy_rank must be one of {_GREEDY_RANKS}, got {greedy_rank!r}")
+    if greedy_rank not in GREEDY_RANKS:
+        raise ConfigError(f"greedy_rank must be one of {GREEDY_RANKS}, got {greedy_rank!r}")
     if isinstance(discard, str) and discard != "auto":
         raise ConfigError(f"discard must be 'auto', a number or None, got {discard!r}")
 
@@ -271,4 +271,4 @@ def exact_shapley(value_fn: ValueFn, n_players: int) -> torch.Tensor:
     return phi
 
 
-__all__ = ["ShapleyEstimate", "ValueFn", "estimate_shapley", "exact_shapley"]
+__all__ = ["GREEDY_RANKS", "ShapleyEstimate", "ValueFn", "estimate_shapley", "exact_shapley"]

@@ -86,7 +86,7 @@ from ..metrics import class_accuracies, predict
 from ..reverse import (LARGE_MASK_ACCURACY_RATIO, FeatureTriggers, high_side_outliers,
                        reverse_feature_triggers, reverse_triggers, synthesize, unrecognised)
 from ..reverse.feature import default_layer
-from ..shapley import estimate_shapley
+from ..shapley import GREEDY_RANKS, estimate_shapley
 from ..utils import derive_seed
 from . import register
 from .base import CleanData, Defense, RepairResult, optional_number
@@ -267,8 +267,8 @@ class Options:
             raise ConfigError(f"reverse must be one of {_REVERSES}, got {self.reverse!r}")
         if isinstance(self.feature_steps, bool) or not isinstance(self.feature_steps, int) or self.feature_steps < 1:
             raise ConfigError(f"feature_steps must be an integer >= 1, got {self.feature_steps!r}")
-        if self.greedy_rank not in ("mean", "ucb"):
-            raise ConfigError(f"greedy_rank must be 'mean' or 'ucb', got {self.greedy_rank!r}")
+        if self.greedy_rank not in GREEDY_RANKS:
+            raise ConfigError(f"greedy_rank must be one of {GREEDY_RANKS}, got {self.greedy_rank!r}")
         if self.value not in _VALUES:
             raise ConfigError(f"value must be one of {_VALUES}, got {self.value!r}")
         if self.kind not in _KINDS:
