@@ -159,7 +159,7 @@ def estimate_shapley(value_fn: ValueFn, n_players: int, *, permutations: int = 1
                 active = _upper(total, total_sq, counts, z) >= threshold
             sampled = active.clone() if bandit else torch.ones(n, dtype=torch.bool)
             if bandit and epsilon is not None and int(sampled.sum()) > top_k:
-                score = (total / counts.clamp_min(1) if greedy_rank == "mean"
+                score = (_mean_var(total, total_sq, counts)[0] if greedy_rank == "mean"
                          else _upper(total, total_sq, counts, z))
                 sampled = _epsilon_greedy(score, sampled, top_k, epsilon, gen)
             if not bool(sampled.any()):
@@ -176,8 +176,7 @@ def estimate_shapley(value_fn: ValueFn, n_players: int, *, permutations: int = 1
             done += 1
             bar.advance(task)
 
-    means = total / counts.clamp_min(1)
-    var = (total_sq / counts.clamp_min(1) - means ** 2).clamp_min(0) * counts / (counts - 1).clamp_min(1)
+    means, var = _mean_var(total, total_sq, counts)
     return ShapleyEstimate(
         values=means, stds=var.sqrt(), counts=counts, active=active, evaluations=evaluations,
         evaluations_plain=2 + done * max(0, n - 1), permutations=done, truncated=truncated,
@@ -219,16 +218,21 @@ def _walk(perm, sampled, evaluate, v_full, v_empty, tol, chunk):
     return marginals, positions, cut_at is not None
 
 
-def _upper(total, total_sq, counts, z):
+def _mean_var(total, total_sq, counts):
+    """Each player's mean marginal and its sample variance, from the running sums."""
     mean = total / counts.clamp_min(1)
     var = (total_sq / counts.clamp_min(1) - mean ** 2).clamp_min(0) * counts / (counts - 1).clamp_min(1)
+    return mean, var
+
+
+def _upper(total, total_sq, counts, z):
+    mean, var = _mean_var(total, total_sq, counts)
     bound = mean + z * var.sqrt() / counts.clamp_min(1).sqrt()
     return torch.where(counts >= 2, bound, torch.full_like(bound, math.inf))
 
 
 def _lower(total, total_sq, counts, z):
-    mean = total / counts.clamp_min(1)
-    var = (total_sq / counts.clamp_min(1) - mean ** 2).clamp_min(0) * counts / (counts - 1).clamp_min(1)
+    mean, var = _mean_var(total, total_sq, counts)
     bound = mean - z * var.sqrt() / counts.clamp_min(1).sqrt()
     return torch.where(counts >= 2, bound, torch.full_like(bound, -math.inf))
 

@@ -512,6 +512,11 @@ class SuspectsProbe(Probe):
         by_index = flagged and getattr(options, "suspect_weights", SUSPECT_WEIGHTS[0]) == "anomaly"
         weights = torch.tensor(evidence if by_index else [1.0] * len(self.parts))
         self.weights = weights / weights.sum()
+        self.combine = getattr(options, "suspect_combine", SUSPECT_COMBINES[0])
+        # "class": each suspect class's parts and their summed weight, fixed once here
+        classes = torch.tensor([p.target for p in self.parts])
+        self._class_groups = [(classes == c, float(self.weights[classes == c].sum()))
+                              for c in classes.unique()]
         # Reported target (informative; the score uses every suspect): the class both spaces
         # flag, or the only suspect class; None when the suspects are different classes.
         # Large-mask suspects are weaker evidence (a naturally hard class is one too), so they
@@ -554,18 +559,16 @@ class SuspectsProbe(Probe):
 
     def score(self, masks: torch.Tensor) -> torch.Tensor:
         scores = torch.stack([p.score(masks).float().cpu() for p in self.parts])
-        if getattr(self.options, "suspect_combine", SUSPECT_COMBINES[0]) == "class":
+        if self.combine == "class":
             # one term per suspect class: the largest score of its triggers, weighed by the
             # sum of their weights (its backdoor is gone only once no stand-in works)
-            classes = torch.tensor([p.target for p in self.parts])
-            terms = [scores[classes == c].amax(0) * self.weights[classes == c].sum()
-                     for c in classes.unique()]
-            return torch.stack(terms).sum(0)
+            return torch.stack([scores[parts].amax(0) * weight
+                                for parts, weight in self._class_groups]).sum(0)
         return (self.weights[:, None] * scores).sum(0)
 
     def details(self) -> dict[str, Any]:
         return {"probe": self.name, "target": self.target,
-                "combine": getattr(self.options, "suspect_combine", SUSPECT_COMBINES[0]),
+                "combine": self.combine,
                 "suspects": [{"space": space, "class": c, "weight": round(float(w), 4),
                               **({"layer": layer} if layer else {})}
                              for (space, c, layer), w in zip(self.suspects, self.weights)],
