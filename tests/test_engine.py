@@ -552,7 +552,8 @@ def test_evaluator_fallback_without_fx():
 
 
 def test_edited_logits_fx_and_hooks_agree_and_edit_precedes_masks():
-    """The edit is applied at the hook point before its mask, with gradients, on both paths."""
+    """The edit is applied at the hook point before its mask (after it with ``after_mask``),
+    with gradients, on both paths."""
     from trojanprune.engine import MaskEvaluator, discover_units
 
     torch.manual_seed(0)
@@ -583,6 +584,14 @@ def test_edited_logits_fx_and_hooks_agree_and_edit_precedes_masks():
     off = torch.ones(1, units.total)
     off[0, units.offset(group):units.offset(group) + units[group].size] = 0
     assert torch.allclose(fx_ev.edited_logits(off, module, edit, grad=False), fx_ev.logits(off), atol=1e-5)
+    # after_mask: the mask acts first, so the pruned group carries what the edit writes (both paths)
+    late_fx = fx_ev.edited_logits(off, module, edit, grad=False, after_mask=True)
+    late_hooks = hook_ev.edited_logits(off, module, edit, grad=False, after_mask=True)
+    assert torch.allclose(late_fx, late_hooks, atol=1e-5)
+    assert not torch.allclose(late_fx, fx_ev.logits(off), atol=1e-3)
+    # where the edited group is not pruned (masks prunes the first two groups), order does not matter
+    assert units.offset(group) >= 5
+    assert torch.allclose(fx_ev.edited_logits(masks, module, edit, grad=False, after_mask=True), a.detach(), atol=1e-5)
     with pytest.raises(ConfigError, match="not a hook point"):
         fx_ev.edited_logits(masks, "features.0.nope", edit)
 

@@ -142,22 +142,26 @@ class MaskEvaluator:
         """(M, B, K) logits of the model under each of the M masks."""
         return self._evaluate(masks, None, grad=False)
 
-    def edited_logits(self, masks: MaskInput, module: str, edit, grad: bool = True) -> torch.Tensor:
+    def edited_logits(self, masks: MaskInput, module: str, edit, grad: bool = True,
+                      after_mask: bool = False) -> torch.Tensor:
         """(M, B, K) logits like :meth:`logits` (with gradients unless ``grad=False``), where
         the output of the hook point ``module`` is first replaced by ``edit(out, j0, j1)`` and
-        then masked.
+        then masked (``after_mask=True``: first masked, then edited).
 
         ``out`` has shape (j1 - j0, b, ...): the module's output for masks j0..j1-1 (mask-major)
         on a block of b images; ``edit`` returns a tensor of the same shape. This is how a
         feature-space trigger is injected at one layer (differentiably, so it can be learned)
         while pruning masks act on every layer; prefix reuse still applies, so only the layers
         from ``module`` on are run per mask. Editing before masking means pruning a channel
-        also removes what the edit wrote into it, as it removes a real trigger's activation.
+        also removes what the edit wrote into it, as it removes a real trigger's activation;
+        editing after masking keeps what the edit writes whatever the pruning at ``module``
+        (the pruning of the other layers still acts), so an edit can stand for a signal that
+        arrives from upstream of the pruned layer.
         """
         if module not in self._specs:
             raise ConfigError(f"{module!r} is not a hook point of these units; choose one of "
                               f"{sorted(self._specs)[:8]}{' ...' if len(self._specs) > 8 else ''}")
-        return self._evaluate(masks, (module, edit), grad)
+        return self._evaluate(masks, (module, edit, bool(after_mask)), grad)
 
     def accuracy(self, masks: MaskInput, labels: torch.Tensor | None = None) -> torch.Tensor:
         """(M,) fraction of images classified as their label."""
@@ -266,17 +270,20 @@ class MaskEvaluator:
         rows = []
         block = [0, 0]
         handle = None
-        if edit is not None:
-            name, fn = edit
+        name, fn, after_mask = edit if edit is not None else (None, None, False)
 
-            def edit_hook(module, inputs, output):
-                k = block[1] - block[0]
-                return fn(output.reshape(k, -1, *output.shape[1:]), *block).reshape(output.shape)
+        def edit_hook(module, inputs, output):
+            k = block[1] - block[0]
+            return fn(output.reshape(k, -1, *output.shape[1:]), *block).reshape(output.shape)
 
+        if edit is not None and not after_mask:
             # prepend: the edit runs before the mask hook ChannelMasks puts on the same module
             handle = self._modules[name].register_forward_hook(edit_hook, prepend=True)
         try:
             with ChannelMasks(self.model, self.units) as cm:
+                if edit is not None and after_mask:
+                    # registered after ChannelMasks's hook, so it runs after the mask
+                    handle = self._modules[name].register_forward_hook(edit_hook)
                 for m0, m1 in mask_blocks:
                     k = m1 - m0
                     block[:] = [m0, m1]
@@ -463,13 +470,16 @@ class MaskEvaluator:
                     args = fx.node.map_arg(node.args, value)
                     kwargs = fx.node.map_arg(node.kwargs, value)
                     out = self._call(node, args, kwargs)
-                    if edit is not None and node.op == "call_module" and node.target == edit[0]:
+                    edited = edit is not None and node.op == "call_module" and node.target == edit[0]
+                    if edited and not edit[2]:
                         out = edit[1](out.reshape(k, b1 - b0, *out.shape[1:]), m0, m1).reshape(out.shape)
                     if node.op == "call_module" and node.target in plan.masked:
                         spec = self._specs[node.target]
                         mult = spec.multiplier(block_masks, out.shape[spec.dim])
                         if mult is not None:
                             out = scale_channels(out, mult, spec.dim)
+                    if edited and edit[2]:
+                        out = edit[1](out.reshape(k, b1 - b0, *out.shape[1:]), m0, m1).reshape(out.shape)
                     env[node] = out
                     for a in node.all_input_nodes:
                         if plan.last_use.get(a) == i:
