@@ -443,6 +443,23 @@ def test_suspects_probe_scores_every_flagged_trigger(backdoor_case, monkeypatch)
     assert same.details()["combine"] == "class"
     with pytest.raises(ConfigError, match="suspect_combine must be one of trigger, class"):
         Options(suspect_combine="max")
+    # pixel_when_agreed: a class both spaces flag keeps only its pixel trigger, and the
+    # other suspects go; without agreement the option changes nothing
+    _report_flags(monkeypatch, "reverse_triggers", [0, 4])
+    _report_flags(monkeypatch, "reverse_feature_triggers", [3, 0])
+    agreed = create_probe("suspects", case.model, units, fit, held,
+                          Options(pixel_when_agreed=True, **one_layer), seed=0)
+    assert agreed.suspects == [("pixel", 0, None)] and agreed.target == 0
+    assert torch.allclose(agreed.score(keep), agreed.parts[0].score(keep).cpu())
+    assert agreed.details()["pixel_when_agreed"] == [0]
+    assert not bool(agreed.signal()[:, 2:].any())  # no feature trigger, no feature signal
+    _report_flags(monkeypatch, "reverse_triggers", [0])
+    _report_flags(monkeypatch, "reverse_feature_triggers", [3])
+    apart_flags = create_probe("suspects", case.model, units, fit, held,
+                               Options(pixel_when_agreed=True, **one_layer), seed=0)
+    assert apart_flags.suspects == p.suspects and apart_flags.details()["pixel_when_agreed"] == []
+    with pytest.raises(ConfigError, match="pixel_when_agreed must be true or false"):
+        Options(pixel_when_agreed="yes")
     # nothing flagged anywhere: the smallest pixel mask, as the reversed-trigger probe
     _report_flags(monkeypatch, "reverse_feature_triggers", [])
     _report_flags(monkeypatch, "reverse_triggers", [])

@@ -140,6 +140,15 @@ class Options:
         keeps 80.41% (no pruning within the tolerance disables the pixel trigger); of four
         repairs rerun, two got better and two worse (vgg_small BadNets seed 1: 5.69 -> 10.29%),
         so "trigger" stays the default (BENCHMARKS.md, "Stop 28").
+    pixel_when_agreed: suspects probe (ours): when Neural Cleanse's pixel-space reverse flags a
+        class (low side) that a feature-space reverse flags too, that class's pixel trigger
+        alone is the stand-in and every other suspect is dropped (False). Why: a feature
+        trigger is written into channels its reverse chose, and pruning them disables it
+        whether or not the real backdoor runs there; a pixel trigger enters where the real
+        one does. On the resnet20 BadNets model (seed 1; ``benchmarks/probe_parts.py``) the
+        oracle's 4-channel fix (true ASR 1.9%) leaves both class-0 feature triggers at 1.00
+        and the pixel one at 0.27, while the chosen, gamed pruning (true ASR 89.8%) scores
+        0.37 and 0.13 on them and 0.93 on the pixel one.
     anp_eps, anp_iterations: ANP probe (ANP's 0.4 and 2000).
     unlearn_lr, unlearn_threshold, unlearn_epochs, recover_epochs: unlearn probe (RNP's 0.01,
         0.2, 20, 20).
@@ -202,6 +211,7 @@ class Options:
     large_mask_accuracy_ratio: float = LARGE_MASK_ACCURACY_RATIO
     suspect_weights: str = "equal"
     suspect_combine: str = "trigger"
+    pixel_when_agreed: bool = False
     anp_eps: float = 0.4
     anp_iterations: int = 2000
     unlearn_lr: float = 0.01
@@ -240,7 +250,7 @@ class Options:
         for name in ("target", "reverse_steps", "reverse_batch_size"):
             setattr(self, name, optional_number(getattr(self, name), name, integer=True,
                                                 none_words=("", "auto", "none")))
-        for name in ("confirm_on_all", "suspect_large_masks", "suspect_last_layer"):
+        for name in ("confirm_on_all", "suspect_large_masks", "suspect_last_layer", "pixel_when_agreed"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.suspect_combine not in SUSPECT_COMBINES:

@@ -492,6 +492,13 @@ class SuspectsProbe(Probe):
             if not pixel_classes and not feature_pairs:
                 flagged = False
         feature_classes = [c for _, c in feature_pairs]
+        # the classes Neural Cleanse flags (low side) that a feature-space reverse flags too
+        self.agreed = ([c for c in self.reversed.flagged if c in feature_classes]
+                       if user is None and getattr(options, "pixel_when_agreed", False) else [])
+        if self.agreed:
+            # Both spaces name the target: its pixel trigger alone is the stand-in, and the
+            # other suspects go (see Options.pixel_when_agreed for why).
+            pixel_classes, feature_pairs = list(self.agreed), []
         smallest = int(self.reversed.mask_norms.argmin())
         if user is None and not self.reversed.flagged and (not flagged or smallest in feature_classes):
             # Neural Cleanse flags no small mask: its best guess, the smallest mask's class, is a
@@ -569,6 +576,7 @@ class SuspectsProbe(Probe):
     def details(self) -> dict[str, Any]:
         return {"probe": self.name, "target": self.target,
                 "combine": self.combine,
+                "pixel_when_agreed": list(self.agreed),
                 "suspects": [{"space": space, "class": c, "weight": round(float(w), 4),
                               **({"layer": layer} if layer else {})}
                              for (space, c, layer), w in zip(self.suspects, self.weights)],
