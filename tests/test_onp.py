@@ -443,8 +443,8 @@ def test_suspects_probe_scores_every_flagged_trigger(backdoor_case, monkeypatch)
     assert same.details()["combine"] == "class"
     with pytest.raises(ConfigError, match="suspect_combine must be one of trigger, class"):
         Options(suspect_combine="max")
-    # pixel_when_agreed: a class both spaces flag keeps only its pixel trigger, and the
-    # other suspects go; without agreement the option changes nothing
+    # pixel_when_agreed: Neural Cleanse's target, when a feature reverse flags it too, keeps
+    # only its pixel trigger, and the other suspects go; otherwise the option changes nothing
     _report_flags(monkeypatch, "reverse_triggers", [0, 4])
     _report_flags(monkeypatch, "reverse_feature_triggers", [3, 0])
     agreed = create_probe("suspects", case.model, units, fit, held,
@@ -453,6 +453,11 @@ def test_suspects_probe_scores_every_flagged_trigger(backdoor_case, monkeypatch)
     assert torch.allclose(agreed.score(keep), agreed.parts[0].score(keep).cpu())
     assert agreed.details()["pixel_when_agreed"] == [0]
     assert not bool(agreed.signal()[:, 2:].any())  # no feature trigger, no feature signal
+    # only Neural Cleanse's target counts: here it is 4, which no feature reverse flags
+    _report_flags(monkeypatch, "reverse_triggers", [4, 0])
+    not_target = create_probe("suspects", case.model, units, fit, held,
+                              Options(pixel_when_agreed=True, **one_layer), seed=0)
+    assert not_target.details()["pixel_when_agreed"] == [] and len(not_target.parts) == 4
     _report_flags(monkeypatch, "reverse_triggers", [0])
     _report_flags(monkeypatch, "reverse_feature_triggers", [3])
     apart_flags = create_probe("suspects", case.model, units, fit, held,

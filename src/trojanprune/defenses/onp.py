@@ -140,9 +140,11 @@ class Options:
         keeps 80.41% (no pruning within the tolerance disables the pixel trigger); of four
         repairs rerun, two got better and two worse (vgg_small BadNets seed 1: 5.69 -> 10.29%),
         so "trigger" stays the default (BENCHMARKS.md, "Stop 28").
-    pixel_when_agreed: suspects probe (ours): when Neural Cleanse's pixel-space reverse flags a
-        class (low side) that a feature-space reverse flags too, that class's pixel trigger
-        alone is the stand-in and every other suspect is dropped (False). Why: a feature
+    pixel_when_agreed: suspects probe (ours): when Neural Cleanse's target (the flagged class
+        with the smallest pixel mask) is flagged by a feature-space reverse too, that class's
+        pixel trigger alone is the stand-in and every other suspect is dropped (False). Only
+        the target, not any class both flag: on vgg_small Blended (seed 2) the pixel reverse
+        flags 0, 2 and 9 and a feature reverse flags 2, a false suspect. Why: a feature
         trigger is written into channels its reverse chose, and pruning them disables it
         whether or not the real backdoor runs there; a pixel trigger enters where the real
         one does. On the resnet20 BadNets model (seed 1; ``benchmarks/probe_parts.py``) the

@@ -492,9 +492,12 @@ class SuspectsProbe(Probe):
             if not pixel_classes and not feature_pairs:
                 flagged = False
         feature_classes = [c for _, c in feature_pairs]
-        # the classes Neural Cleanse flags (low side) that a feature-space reverse flags too
-        self.agreed = ([c for c in self.reversed.flagged if c in feature_classes]
-                       if user is None and getattr(options, "pixel_when_agreed", False) else [])
+        # Neural Cleanse's target (its smallest flagged mask) when a feature-space reverse
+        # flags it too
+        nc_target = self.reversed.target
+        self.agreed = ([nc_target] if user is None and nc_target is not None
+                       and nc_target in feature_classes
+                       and getattr(options, "pixel_when_agreed", False) else [])
         if self.agreed:
             # Both spaces name the target: its pixel trigger alone is the stand-in, and the
             # other suspects go (see Options.pixel_when_agreed for why).
