@@ -274,6 +274,44 @@ def test_final_choice_is_confirmed_on_all_clean_images():
     assert choice["rejected_by_confirmation"] == 1 and abs(choice["all_clean_acc"] - 0.85) < 1e-6
 
 
+def test_refinement_adds_channels_greedily_within_the_accuracy_guard():
+    """refine_steps: each step prunes the pool channel that raises the reward most, skipping
+    those that break the held-out guard or the confirmation on all clean images; it stops when
+    nothing raises the reward."""
+    from trojanprune.defenses.onp import ONP
+
+    gain = torch.tensor([0.0, 0.0, 0.4, 0.3, 0.5, 0.45])  # how much pruning each unit lowers the score
+
+    def measure(keep):
+        pruned = (keep < 0.5).float()
+        acc = 0.9 - 0.05 * pruned[:, 4]  # unit 4 costs 5 points on the held-out half
+        backdoor = 1 - pruned @ gain
+        return {"reward": acc - backdoor, "acc": acc, "backdoor": backdoor, "pruned": pruned.sum(1)}
+
+    class AllClean:  # unit 5 costs 10 points on all the clean images
+        def accuracy(self, keep):
+            return 0.85 - 0.1 * (keep[:, 5] < 0.5).float()
+
+    class Units:
+        def unit_of(self, i):
+            return ("layer", i)
+
+    defense = ONP(seed=0, refine_steps=5, refine_pool=2)
+    probs = torch.tensor([0.9, 0.8, 0.1, 0.1, 0.1, 0.1])  # the policy's top 2: units 0 and 1
+    signal = torch.tensor([[0.0], [0.0], [0.9], [0.8], [0.7], [0.6]])  # the signal's top 2: 2 and 3
+    keep, info = defense._refine(torch.ones(6), -0.1, probs, signal, measure, 0.9, AllClean(), Units())
+    assert [s["unit"] for s in info["steps"]] == [["layer", 2], ["layer", 3]] and info["pool"] == 4
+    assert keep.tolist() == [1, 1, 0, 0, 1, 1]
+    # a larger pool reaches unit 5, which the confirmation refuses, and unit 4, which the guard does
+    wide = ONP(seed=0, refine_steps=5, refine_pool=6)
+    keep, info = wide._refine(torch.ones(6), -0.1, probs, signal, measure, 0.9, AllClean(), Units())
+    assert keep.tolist() == [1, 1, 0, 0, 1, 1]
+    without_confirmation, _ = wide._refine(torch.ones(6), -0.1, probs, signal, measure, 0.9, None, Units())
+    assert without_confirmation.tolist() == [1, 1, 0, 0, 1, 0]
+    with pytest.raises(ConfigError, match="refine_steps must be an integer >= 0"):
+        ONP(seed=0, refine_steps=-1)
+
+
 def test_same_seed_same_pruning(backdoor_case):
     case = backdoor_case
     opts = dict(seed=3, episodes=16, episodes_per_update=8, reverse_steps=10, reverse_batch_size=4,
