@@ -46,8 +46,8 @@ Ours (the paper does not publish them):
   and its top-k prunings (k up to ``max_prune_fraction`` of the channels), the one with the
   highest reward whose held-out clean accuracy is within ``acc_tolerance`` of the unpruned
   model's, and (``confirm_on_all``) whose accuracy on all the clean images is too (the
-  unpruned model itself when none is); applied with the engine's
-  ``apply_masks_permanently``.
+  unpruned model itself when none is); optionally (``refine_steps``, off by default) followed
+  by greedy steps on the same reward; applied with the engine's ``apply_masks_permanently``.
 
 Every choice is made on the defender's clean data; the true trigger is never used.
 """
