@@ -308,6 +308,16 @@ def test_refinement_adds_channels_greedily_within_the_accuracy_guard():
     assert keep.tolist() == [1, 1, 0, 0, 1, 1]
     without_confirmation, _ = wide._refine(torch.ones(6), -0.1, probs, signal, measure, 0.9, None, Units())
     assert without_confirmation.tolist() == [1, 1, 0, 0, 1, 0]
+    # with the held-out accuracy alone first, the probe scores only the tries within the guard
+    scored = []
+
+    def counting(keep):
+        scored.append(len(keep))
+        return measure(keep)
+
+    same, _ = wide._refine(torch.ones(6), -0.1, probs, signal, counting, 0.9, None, Units(),
+                           held_accuracy=lambda keep: measure(keep)["acc"])
+    assert same.tolist() == [1, 1, 0, 0, 1, 0] and scored[0] == 5  # unit 4 is never scored
     with pytest.raises(ConfigError, match="refine_steps must be an integer >= 0"):
         ONP(seed=0, refine_steps=-1)
 

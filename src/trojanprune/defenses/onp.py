@@ -421,7 +421,8 @@ class ONP(Defense):
         chosen, choice = self._choose(probs, history, measure, base, units.total, confirm)
         if o.refine_steps:
             chosen, choice["refine"] = self._refine(chosen, choice["reward"], probs, probe.signal(),
-                                                    measure, float(base["acc"][0]), confirm, units)
+                                                    measure, float(base["acc"][0]), confirm, units,
+                                                    held_accuracy=accuracy.accuracy)
         lap("final_choice")
 
         # -- 8. prune for good ----------------------------------------------------------------
@@ -531,8 +532,10 @@ class ONP(Defense):
 
     def _refine(self, keep: torch.Tensor, reward: float, probs: torch.Tensor, signal: torch.Tensor,
                 measure, base_acc: float, confirm: MaskEvaluator | None,
-                units) -> tuple[torch.Tensor, dict]:
-        """Greedy steps from the chosen pruning on the same reward (Options.refine_steps; ours)."""
+                units, held_accuracy=None) -> tuple[torch.Tensor, dict]:
+        """Greedy steps from the chosen pruning on the same reward (Options.refine_steps; ours).
+        ``held_accuracy``: the held-out accuracy alone, so that the (costlier) probe scores
+        only the tries within the guard; None: ``measure`` scores every try."""
         o = self.options
         pool = set(torch.argsort(probs.cpu(), descending=True, stable=True)[:o.refine_pool].tolist())
         for col in range(signal.shape[1]):
@@ -547,6 +550,12 @@ class ONP(Defense):
                 break
             masks = keep.repeat(len(tries), 1)
             masks[torch.arange(len(tries)), torch.tensor(tries)] = 0
+            if held_accuracy is not None:
+                within = held_accuracy(masks).cpu() >= base_acc - o.acc_tolerance - 1e-9
+                tries = [t for t, w in zip(tries, within.tolist()) if w]
+                masks = masks[within]
+                if not tries:
+                    break
             m = measure(masks)
             ok = m["acc"] >= base_acc - o.acc_tolerance - 1e-9
             better = ok & (m["reward"] > reward + 1e-9)
