@@ -21,20 +21,16 @@ Cost: the probe, then one batched evaluation of every remaining channel per step
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from trojanprune.cli import parse_settings
-from trojanprune.defenses.onp import ONP
 from trojanprune.defenses.shappruning import _players
-from trojanprune.engine import MaskEvaluator, discover_units
-from trojanprune.onp.probes import create_probe
-from trojanprune.repair import to_clean_data
-from trojanprune.repair_run import choose_clean
-from trojanprune.runs import load_run
-from trojanprune.sources import open_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe_parts import setup, write_lines  # noqa: E402  (the same probe, split and evaluators)
 
 
 def main() -> None:
@@ -52,26 +48,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    source = open_model(args.run)
-    model = source.model.eval()
-    clean = to_clean_data(choose_clean(source, clean=args.clean, per_class=None, data_free=False,
-                                       seed=args.seed, data_dir=args.data_dir),
-                          int(source.dataset["num_classes"]), "cpu")
-    onp = ONP(seed=args.seed, device="cpu", progress=False, **parse_settings(args.set))
-    o = onp.options
-    fit, held = onp._split(clean)
-    units = discover_units(model, clean.x[:1])
-    probe = create_probe(o.probe, model, units, fit, held, o, seed=args.seed)
-    players = _players(units, args.layers, None)
-    choices = [units.offset(g.name) + c for g in players for c in range(g.size)]
-
-    run = load_run(args.run)
-    attack = run.attack()
-    x, y = run.test_set(args.data_dir).tensors()
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    triggered = MaskEvaluator(model, units, attack.apply(x[order[y[order] != attack.target][:1000]]))
-    held_acc = MaskEvaluator(model, units, held.x, held.y)
-    base = float(held_acc.accuracy(torch.ones(1, units.total))[0])
+    s = setup(args.run, args.seed, args.clean, args.set, args.data_dir)
+    o, units, probe = s.options, s.units, s.probe
+    choices = [units.offset(g.name) + c for g in _players(units, args.layers, None) for c in range(g.size)]
+    base = float(s.held_acc.accuracy(torch.ones(1, units.total))[0])
     parts = getattr(probe, "parts", [probe])
     lines = [f"{args.run} seed={args.seed} probe={o.probe} options={args.set} layers={args.layers} "
              f"held-out acc={base:.4f} tolerance={o.acc_tolerance}"]
@@ -83,7 +63,7 @@ def main() -> None:
         masks = torch.ones(len(rest), units.total)
         for row, unit in enumerate(rest):
             masks[row, chosen + [unit]] = 0
-        acc = held_acc.accuracy(masks).cpu()
+        acc = s.held_acc.accuracy(masks).cpu()
         score = probe.score(masks).cpu().float()
         reward = acc - o.backdoor_weight * score - o.prune_cost * (len(chosen) + 1) / units.total
         reward[acc < base - o.acc_tolerance - 1e-9] = -float("inf")
@@ -97,12 +77,10 @@ def main() -> None:
         each = [round(float(p.score(keep)[0]), 3) for p in parts]
         lines.append(f"k={step + 1} +{units.unit_of(rest[best])} held_acc={float(acc[best]):.4f} "
                      f"score={float(score[best]):.3f} parts={each} reward={float(reward[best]):.4f} "
-                     f"true_asr={float(triggered.target_rate(keep, attack.target)[0]):.4f} "
+                     f"true_asr={float(s.triggered.target_rate(keep, s.attack.target)[0]):.4f} "
                      f"[{time.perf_counter() - start:.0f}s]")
         print(lines[-1], flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(lines) + "\n")
+    write_lines(lines, args.out)
 
 
 if __name__ == "__main__":

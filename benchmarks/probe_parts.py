@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -36,6 +37,36 @@ from trojanprune.repair import to_clean_data
 from trojanprune.repair_run import choose_clean
 from trojanprune.runs import load_run
 from trojanprune.sources import open_model
+
+
+def setup(run_dir: str, seed: int, clean_images: int, settings: list[str], data_dir=None):
+    """What a repair with ``--clean N --seed S`` (and ``--set`` ``settings``) builds before its
+    agent: the model, its units, ONP's options, the fit / held-out split and the probe; plus,
+    for the diagnosis only, evaluators of the held-out accuracy and of the TRUE trigger's
+    success on 1,000 triggered test images not of the target class."""
+    source = open_model(run_dir)
+    model = source.model.eval()
+    clean = to_clean_data(choose_clean(source, clean=clean_images, per_class=None, data_free=False,
+                                       seed=seed, data_dir=data_dir),
+                          int(source.dataset["num_classes"]), "cpu")
+    onp = ONP(seed=seed, device="cpu", progress=False, **parse_settings(settings))
+    fit, held = onp._split(clean)
+    units = discover_units(model, clean.x[:1])
+    probe = create_probe(onp.options.probe, model, units, fit, held, onp.options, seed=seed)
+    run = load_run(run_dir)
+    attack = run.attack()
+    x, y = run.test_set(data_dir).tensors()
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    triggered = MaskEvaluator(model, units, attack.apply(x[order[y[order] != attack.target][:1000]]))
+    return SimpleNamespace(model=model, units=units, options=onp.options, held=held, probe=probe,
+                           attack=attack, triggered=triggered,
+                           held_acc=MaskEvaluator(model, units, held.x, held.y))
+
+
+def write_lines(lines: list[str], out: str | None) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -52,35 +83,17 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    source = open_model(args.run)
-    model = source.model.eval()
-    num_classes = int(source.dataset["num_classes"])
-    clean = to_clean_data(choose_clean(source, clean=args.clean, per_class=None, data_free=False,
-                                       seed=args.seed, data_dir=args.data_dir), num_classes, "cpu")
-    options = parse_settings(args.set)
-    onp = ONP(seed=args.seed, device="cpu", progress=False, **options)
-    fit, held = onp._split(clean)
-    units = discover_units(model, clean.x[:1])
-    probe = create_probe(onp.options.probe, model, units, fit, held, onp.options, seed=args.seed)
-    parts = getattr(probe, "parts", [probe])
+    s = setup(args.run, args.seed, args.clean, args.set, args.data_dir)
+    parts = getattr(s.probe, "parts", [s.probe])
     names = [f"{p.name}:class{p.target}" + (f"@{p.features.layer}" if hasattr(p, "features") else "")
              for p in parts]
-
-    run = load_run(args.run)
-    attack = run.attack()
-    x, y = run.test_set(args.data_dir).tensors()
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    victims = order[y[order] != attack.target][:1000]
-    triggered = MaskEvaluator(model, units, attack.apply(x[victims]))
-    held_acc = MaskEvaluator(model, units, held.x, held.y)
-
-    lines = [f"{args.run} seed={args.seed} clean={args.clean} held-out={len(held)} "
+    lines = [f"{args.run} seed={args.seed} clean={args.clean} held-out={len(s.held)} "
              f"suspects: {', '.join(names)}",
              "columns: pruned, held-out accuracy, true ASR, each suspect's score (feature "
              "triggers: written before / after their layer's mask)"]
     print("\n".join(lines), flush=True)
     for label, pruned in json.loads(Path(args.prunings).read_text()).items():
-        keep = units.keep_mask([tuple(p) for p in pruned])[None].float()
+        keep = s.units.keep_mask([tuple(p) for p in pruned])[None].float()
         scores = []
         for part in parts:
             before = float(part.score(keep)[0])
@@ -91,13 +104,11 @@ def main() -> None:
                 scores.append(f"{before:.3f}/{after:.3f}")
             else:
                 scores.append(f"{before:.3f}")
-        lines.append(f"{label}: pruned={len(pruned)} held_acc={float(held_acc.accuracy(keep)[0]):.4f} "
-                     f"true_asr={float(triggered.target_rate(keep, attack.target)[0]):.4f} "
+        lines.append(f"{label}: pruned={len(pruned)} held_acc={float(s.held_acc.accuracy(keep)[0]):.4f} "
+                     f"true_asr={float(s.triggered.target_rate(keep, s.attack.target)[0]):.4f} "
                      f"parts=[{', '.join(scores)}]")
         print(lines[-1], flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(lines) + "\n")
+    write_lines(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -331,6 +331,16 @@ def test_same_seed_same_pruning(backdoor_case):
     assert a.pruned == b.pruned
     assert a.details["episodes"] == b.details["episodes"]
     assert a.details["policy_prune_probability"] == b.details["policy_prune_probability"]
+    # the refinement runs through the defense: it starts from the same choice, records its
+    # steps, and keeps the accuracy guard
+    refined = tp.repair(case.model, case.clean, method="onp", refine_steps=2, **opts)
+    info = refined.details["choice"]["refine"]
+    assert refined.details["choice"]["source"] == a.details["choice"]["source"]
+    assert len(info["steps"]) <= 2 and info["pool"] > 0
+    assert len(refined.pruned) == len(a.pruned) + len(info["steps"])
+    assert set(map(tuple, a.pruned)) <= set(map(tuple, refined.pruned))
+    assert all(st["held_out_acc"] >= refined.details["unpruned"]["acc"] - 0.02 - 1e-9 for st in info["steps"])
+    assert "refine" not in a.details["choice"]
 
 
 # -- the probes ----------------------------------------------------------------------------------

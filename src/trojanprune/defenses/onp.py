@@ -46,9 +46,10 @@ Ours (the paper does not publish them):
   and its top-k prunings (k up to ``max_prune_fraction`` of the channels), the one with the
   highest reward whose held-out clean accuracy is within ``acc_tolerance`` of the unpruned
   model's, and (``confirm_on_all``) whose accuracy on all the clean images is too (the
-  unpruned model itself when none is), then up to ``refine_steps`` (6) greedy steps on the
-  same reward, each pruning one more channel of a pool (the policy's and the probe signals'
-  top channels) within the same guards; applied with the engine's ``apply_masks_permanently``.
+  unpruned model itself when none is); optionally (``refine_steps``, off by default) greedy
+  steps on the same reward, each pruning one more channel of a pool (the policy's and the
+  probe signals' top channels) within the same guards; applied with the engine's
+  ``apply_masks_permanently``.
 
 Every choice is made on the defender's clean data; the true trigger is never used.
 """
@@ -192,18 +193,19 @@ class Options:
         images accuracy moves in 0.4-point steps).
     max_prune_fraction: the largest top-k pruning of the trained policy that is tried (0.1).
     refine_steps: after the final choice, at most this many greedy steps on the same reward
-        (ours; 6, 0 = off): each step tries pruning one more channel of a pool and
+        (ours; 0 = off, the default): each step tries pruning one more channel of a pool and
         keeps the one that raises the reward most while the held-out accuracy (and, with
         ``confirm_on_all``, the accuracy on all the clean images) stays within
         ``acc_tolerance``; it stops when none does. Why: the agent's search is one sample of
-        a noisy process; on the resnet20 BadNets model (seed 1) the same pixel-trigger probe
-        gave 2.97% or 93.48% ASR depending only on the node features it ran on, while three
-        greedy steps on that probe's reward reach the 5.9% that a greedy oracle with the
-        true trigger also reaches in three. From the agent's choice, 6 steps took five failed
-        zoo repairs to 0.67-5.74% ASR (resnet20 BadNets seeds 1, 2: 89.87 -> 1.80, 21.59 ->
-        0.67; resnet20 Blended seed 2: 15.06 -> 2.44; vgg_small BadNets seed 1: 5.69 -> 2.16;
-        vgg_small Blended seed 2: 72.21 -> 5.74), at 1.6-2.9 test points instead of 0.3-1.9,
-        and left resnet20 WaNet (79%) as it was (BENCHMARKS.md, "Stop 29").
+        a noisy process; on the resnet20 BadNets model (seed 1) greedy steps on the
+        pixel-trigger probe's reward reach 5.9% true ASR in three channels, the oracle's own
+        first three. Measured with 6 steps (BENCHMARKS.md, "Stop 29"): of the agent's choices
+        it took resnet20 BadNets seeds 1 and 2 from 89.87 and 4.48% to 1.80 and 0.67%,
+        vgg_small BadNets seed 1 from 34.60 to 2.16% and Blended seed 2 from 42.02 to 5.74%,
+        at 0.8-2.1 more test points; but where
+        the backdoor is already gone and false suspects remain it spends the accuracy guard
+        on their stand-ins: vgg_small WaNet seed 0 kept 0.67% ASR and lost 4.09 points
+        instead of 1.55 (the 250 held-out images do not see it). Hence off by default.
     refine_pool: the channels a refinement step tries: the trained policy's top
         ``refine_pool`` by prune probability and each probe signal column's top
         ``refine_pool`` (16), so a step costs at most (1 + signal columns) x 16 evaluations.
@@ -259,7 +261,7 @@ class Options:
     layers: str = "all"
     acc_tolerance: float = 0.02
     max_prune_fraction: float = 0.1
-    refine_steps: int = 6
+    refine_steps: int = 0
     refine_pool: int = 16
     confirm_on_all: bool = True
 
