@@ -152,7 +152,9 @@ class Options:
         one does. On the resnet20 BadNets model (seed 1; ``benchmarks/probe_parts.py``) the
         oracle's 4-channel fix (true ASR 1.9%) leaves both class-0 feature triggers at 1.00
         and the pixel one at 0.27, while the chosen, gamed pruning (true ASR 89.8%) scores
-        0.37 and 0.13 on them and 0.93 on the pixel one.
+        0.37 and 0.13 on them and 0.93 on the pixel one. Not the default: the agent then still
+        misses (resnet20 BadNets seed 1 93.48%, vgg_small BadNets seed 1 31.44%; BENCHMARKS.md,
+        "Stop 29").
     anp_eps, anp_iterations: ANP probe (ANP's 0.4 and 2000).
     unlearn_lr, unlearn_threshold, unlearn_epochs, recover_epochs: unlearn probe (RNP's 0.01,
         0.2, 20, 20).
@@ -202,9 +204,8 @@ class Options:
         first three. Measured with 6 steps (BENCHMARKS.md, "Stop 29"): of the agent's choices
         it took resnet20 BadNets seeds 1 and 2 from 89.87 and 4.48% to 1.80 and 0.67%,
         vgg_small BadNets seed 1 from 34.60 to 2.16% and Blended seed 2 from 42.02 to 5.74%,
-        at 0.8-2.1 more test points; but where
-        the backdoor is already gone and false suspects remain it spends the accuracy guard
-        on their stand-ins: vgg_small WaNet seed 0 kept 0.67% ASR and lost 4.09 points
+        at 0.8-2.1 more test points; but where the backdoor is already gone and false
+        suspects remain it spends the accuracy guard on their stand-ins: vgg_small WaNet seed 0 kept 0.67% ASR and lost 4.09 points
         instead of 1.55 (the 250 held-out images do not see it). Hence off by default.
     refine_pool: the channels a refinement step tries: the trained policy's top
         ``refine_pool`` by prune probability and each probe signal column's top
@@ -535,7 +536,6 @@ class ONP(Defense):
             choice.update({"all_clean_acc": all_acc, "all_clean_acc_unpruned": base_all,
                            "rejected_by_confirmation": rejected})
         return keeps[best], choice
-
 
     def _refine(self, keep: torch.Tensor, reward: float, probs: torch.Tensor, signal: torch.Tensor,
                 measure, base_acc: float, confirm: MaskEvaluator | None,
