@@ -69,7 +69,10 @@ def test_clp_on_the_backdoor_fixture(backdoor_case):
     for name, values in ref.items():
         thr = values.mean() + 2.5 * values.std()
         expected += [(name, int(c)) for c in torch.nonzero(values > thr).flatten()]
-    assert sorted(lower.pruned) == sorted(expected) and len(expected) == 3
+    # how many channels pass u = 2.5 moves with the CPU's floating point, as above (3 on one
+    # machine, 4 on another); what must hold is the rule, and that it prunes a few
+    assert sorted(lower.pruned) == sorted(expected)
+    assert 1 <= len(expected) <= 0.02 * lower.total_units
     low = metrics.evaluate(lower.model, case.test, case.attack)
     assert low["asr"] < 40 and low["acc"] > case.before["acc"] - 5, low  # 20.9 / 95.9 measured
 

@@ -108,8 +108,10 @@ def test_shapley_ranking_beats_random_channels(backdoor_case, repaired):
 
 
 def test_data_free_end_to_end(backdoor_case):
+    # the default synth_steps (400): with 300 the repair left 68.5% ASR on one machine (seed 0;
+    # 24.4% with two threads), the default 5.4-20.9% over seeds 0-2 there
     r = tp.repair(backdoor_case.model, None, method="shappruning", seed=0, input_shape="1,28,28",
-                  synth_steps=300, force=True, **FAST)
+                  force=True, **FAST)
     d = r.details["data"]
     assert d["mode"] == "data-free" and d["images"] == 20 and d["accuracy"] >= 0.9
     # whether the MAD test flags class 0 on the 20 synthesized images is borderline and moves
