@@ -299,23 +299,23 @@ def test_refinement_adds_channels_greedily_within_the_accuracy_guard():
     defense = ONP(seed=0, refine_steps=5, refine_pool=2)
     probs = torch.tensor([0.9, 0.8, 0.1, 0.1, 0.1, 0.1])  # the policy's top 2: units 0 and 1
     signal = torch.tensor([[0.0], [0.0], [0.9], [0.8], [0.7], [0.6]])  # the signal's top 2: 2 and 3
-    keep, info = defense._refine(torch.ones(6), -0.1, probs, signal, measure, 0.9, AllClean(), Units())
+    keep, info = defense._refine(torch.ones(6), -0.1, probs, signal, measure, 0.9, AllClean(), 0.85, Units())
     assert [s["unit"] for s in info["steps"]] == [["layer", 2], ["layer", 3]] and info["pool"] == 4
     assert keep.tolist() == [1, 1, 0, 0, 1, 1]
     # a larger pool reaches unit 5, which the confirmation refuses, and unit 4, which the guard does
     wide = ONP(seed=0, refine_steps=5, refine_pool=6)
-    keep, info = wide._refine(torch.ones(6), -0.1, probs, signal, measure, 0.9, AllClean(), Units())
+    keep, info = wide._refine(torch.ones(6), -0.1, probs, signal, measure, 0.9, AllClean(), 0.85, Units())
     assert keep.tolist() == [1, 1, 0, 0, 1, 1]
-    without_confirmation, _ = wide._refine(torch.ones(6), -0.1, probs, signal, measure, 0.9, None, Units())
+    without_confirmation, _ = wide._refine(torch.ones(6), -0.1, probs, signal, measure, 0.9, None, None, Units())
     assert without_confirmation.tolist() == [1, 1, 0, 0, 1, 0]
     # with the held-out accuracy alone first, the probe scores only the tries within the guard
     scored = []
 
-    def counting(keep):
+    def counting(keep, acc=None):
         scored.append(len(keep))
         return measure(keep)
 
-    same, _ = wide._refine(torch.ones(6), -0.1, probs, signal, counting, 0.9, None, Units(),
+    same, _ = wide._refine(torch.ones(6), -0.1, probs, signal, counting, 0.9, None, None, Units(),
                            held_accuracy=lambda keep: measure(keep)["acc"])
     assert same.tolist() == [1, 1, 0, 0, 1, 0] and scored[0] == 5  # unit 4 is never scored
     with pytest.raises(ConfigError, match="refine_steps must be an integer >= 0"):

@@ -365,8 +365,9 @@ class ONP(Defense):
 
         floor = None  # held-out accuracy below which the penalty applies (set from the unpruned model)
 
-        def measure(keep: torch.Tensor) -> dict[str, torch.Tensor]:
-            acc = accuracy.accuracy(keep).cpu()
+        def measure(keep: torch.Tensor, acc: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+            """Reward terms of each keep mask; ``acc``: their held-out accuracy, if measured."""
+            acc = accuracy.accuracy(keep).cpu() if acc is None else acc
             backdoor = probe.score(keep).cpu().float()
             pruned = (keep < 0.5).float().sum(1)
             reward = acc - o.backdoor_weight * backdoor - o.prune_cost * pruned / units.total
@@ -429,7 +430,8 @@ class ONP(Defense):
         chosen, choice = self._choose(probs, history, measure, base, units.total, confirm)
         if o.refine_steps:
             chosen, choice["refine"] = self._refine(chosen, choice["reward"], probs, probe.signal(),
-                                                    measure, float(base["acc"][0]), confirm, units,
+                                                    measure, float(base["acc"][0]), confirm,
+                                                    choice.get("all_clean_acc_unpruned"), units,
                                                     held_accuracy=accuracy.accuracy)
         lap("final_choice")
 
@@ -538,17 +540,18 @@ class ONP(Defense):
         return keeps[best], choice
 
     def _refine(self, keep: torch.Tensor, reward: float, probs: torch.Tensor, signal: torch.Tensor,
-                measure, base_acc: float, confirm: MaskEvaluator | None,
+                measure, base_acc: float, confirm: MaskEvaluator | None, base_all_acc: float | None,
                 units, held_accuracy=None) -> tuple[torch.Tensor, dict]:
         """Greedy steps from the chosen pruning on the same reward (Options.refine_steps; ours).
-        ``held_accuracy``: the held-out accuracy alone, so that the (costlier) probe scores
-        only the tries within the guard; None: ``measure`` scores every try."""
+        ``base_all_acc``: the unpruned model's accuracy on ``confirm``'s images (the final
+        choice measured it). ``held_accuracy``: the held-out accuracy alone, so that the
+        (costlier) probe scores only the tries within the guard, and ``measure`` reuses it;
+        None: ``measure`` scores every try."""
         o = self.options
         pool = set(torch.argsort(probs.cpu(), descending=True, stable=True)[:o.refine_pool].tolist())
         for col in range(signal.shape[1]):
             pool |= set(torch.argsort(signal[:, col].float(), descending=True, stable=True)[:o.refine_pool].tolist())
-        floor_all = (float(confirm.accuracy(torch.ones(1, len(keep)))[0]) - o.acc_tolerance - 1e-9
-                     if confirm is not None else None)
+        floor_all = base_all_acc - o.acc_tolerance - 1e-9 if confirm is not None else None
         keep = keep.clone().float().cpu()
         added = []
         for _ in range(o.refine_steps):
@@ -557,13 +560,16 @@ class ONP(Defense):
                 break
             masks = keep.repeat(len(tries), 1)
             masks[torch.arange(len(tries)), torch.tensor(tries)] = 0
-            if held_accuracy is not None:
-                within = held_accuracy(masks).cpu() >= base_acc - o.acc_tolerance - 1e-9
+            if held_accuracy is None:
+                m = measure(masks)
+            else:
+                acc = held_accuracy(masks).cpu()
+                within = acc >= base_acc - o.acc_tolerance - 1e-9
                 tries = [t for t, w in zip(tries, within.tolist()) if w]
-                masks = masks[within]
                 if not tries:
                     break
-            m = measure(masks)
+                masks = masks[within]
+                m = measure(masks, acc=acc[within])
             ok = m["acc"] >= base_acc - o.acc_tolerance - 1e-9
             better = ok & (m["reward"] > reward + 1e-9)
             step = None
