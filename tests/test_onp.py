@@ -302,6 +302,12 @@ def test_refinement_adds_channels_greedily_within_the_accuracy_guard():
     keep, info = defense._refine(torch.ones(6), -0.1, probs, signal, measure, 0.9, AllClean(), 0.85, Units())
     assert [s["unit"] for s in info["steps"]] == [["layer", 2], ["layer", 3]] and info["pool"] == 4
     assert keep.tolist() == [1, 1, 0, 0, 1, 1]
+    # a constant signal column (a space without suspects) adds nothing to the pool
+    # (the policy's top 2 are units 4 and 5 here; a zero column's "top 2" would be units 0 and 1)
+    flat = torch.cat([signal, torch.zeros(6, 1)], 1)
+    late = torch.tensor([0.1, 0.1, 0.1, 0.1, 0.9, 0.8])
+    _, info = defense._refine(torch.ones(6), -0.1, late, flat, measure, 0.9, AllClean(), 0.85, Units())
+    assert info["pool"] == 4
     # a larger pool reaches unit 5, which the confirmation refuses, and unit 4, which the guard does
     wide = ONP(seed=0, refine_steps=5, refine_pool=6)
     keep, info = wide._refine(torch.ones(6), -0.1, probs, signal, measure, 0.9, AllClean(), 0.85, Units())

@@ -549,8 +549,9 @@ class ONP(Defense):
         None: ``measure`` scores every try."""
         o = self.options
         pool = set(torch.argsort(probs.cpu(), descending=True, stable=True)[:o.refine_pool].tolist())
-        for col in range(signal.shape[1]):
-            pool |= set(torch.argsort(signal[:, col].float(), descending=True, stable=True)[:o.refine_pool].tolist())
+        for col in signal.float().cpu().T:
+            if bool(col.max() > col.min()):  # a constant column (a space without suspects) ranks nothing
+                pool |= set(torch.argsort(col, descending=True, stable=True)[:o.refine_pool].tolist())
         floor_all = base_all_acc - o.acc_tolerance - 1e-9 if confirm is not None else None
         keep = keep.clone().float().cpu()
         added = []
