@@ -205,9 +205,10 @@ def test_user_model_behind_its_own_normalization_is_repaired_and_saved_in_its_ow
 
     out = tmp_path / "repaired"
     code, text = invoke("repair", *as_user, *adapter, "--method", "fp", "--out", out, "--json",
-                        stdout_only=True)
+                        "--threads", "1", stdout_only=True)
     assert code == 0, text
     record = json.loads(text)
+    assert record["environment"]["torch_threads"] == 1 and record["environment"]["device"] == "cpu"
     run = json.loads((out / "run.json").read_text())
     assert run["format_version"] == 2  # a run without an adapter stays readable by older code:
     assert json.loads((digits_run / "run.json").read_text())["format_version"] == 1

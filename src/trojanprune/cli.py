@@ -234,6 +234,9 @@ def repair_cmd(
     no_eval: bool = typer.Option(False, help="Skip measuring ACC/ASR before and after."),
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     device: str = typer.Option("cpu"),
+    threads: Optional[int] = typer.Option(None, min=1, help="Torch CPU threads (default: "
+                                          "torch's). The same seed gives the same repair only "
+                                          "with the same thread count; the record keeps it."),
     force: bool = typer.Option(False, help="Replace an existing output directory."),
     json_out: bool = typer.Option(False, "--json", help="Print the repair record as JSON."),
     report: bool = typer.Option(False, "--report", help="Also write report.html (trigger, "
@@ -245,6 +248,10 @@ def repair_cmd(
     from .utils import resolve_device
 
     defenses.get(method)  # unknown names fail before any work
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     if out.exists() and not force:
         raise TrojanPruneError(f"{out} already exists; choose another --out or pass --force")
     src = open_model_from_cli(source, arch, model_def, model_args, weights_key, dataset, data_dir,

@@ -45,11 +45,19 @@ def repair_and_measure(source: ModelSource, method: str, *, clean=None, seed: in
     record = {"method": method, "seed": seed, "clean_images": 0 if clean is None else len(clean),
               "before": _round(before), "after": _round(after),
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "environment": environment(device),
               **{k: v for k, v in result.to_dict().items() if k not in ("method", "seed")}}
     if "asr" in before and "asr" in after:
         record["der"] = round(100 * metrics.der(before["acc"] / 100, after["acc"] / 100,
                                                 before["asr"] / 100, after["asr"] / 100), 4)
     return result, record
+
+
+def environment(device) -> dict:
+    """What, besides the seed, decides a repair's outcome: the same seed gives the same pruning
+    only with the same torch version, device and thread count (floating-point sums run in
+    another order on another thread count, and ONP's agent amplifies the difference)."""
+    return {"torch": torch.__version__, "device": str(device), "torch_threads": torch.get_num_threads()}
 
 
 def pruning_masks(model, pruned, example) -> dict[str, torch.Tensor]:
