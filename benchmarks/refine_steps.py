@@ -5,7 +5,8 @@ keeps the final pruning and, under ``details.choice.refine.steps``, the channels
 refinement added after the agent's choice, in order. This script rebuilds the pruning after
 each step (the final one minus the later steps' channels; step 0 is the agent's choice alone,
 i.e. the repair with ``refine_steps=0``) and measures it on the zoo model's test split with
-the true trigger, which the defense never sees.
+the true trigger, which the defense never sees. A second table sets the agent's choice
+against the refined pruning: ASR, drop, DER, and on how many repairs issue 5's target is met.
 
     TROJANPRUNE_DATA=../shared/datasets python benchmarks/refine_steps.py \\
         benchmarks/results/onp-stop29/*-refine6.json --out benchmarks/results/onp-stop29/refine-steps.md
@@ -34,11 +35,17 @@ def main() -> None:
     ap.add_argument("--dataset", default="cifar10")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--defender", action="store_true",
+                    help="also what the defender could see: accuracy drop on the record's own "
+                         "clean images (training split, the record's seed) and the mean KL "
+                         "divergence from the unpruned model on them and 8 shifted copies each")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    lines = ["| record | step | channel added | backdoor score | test ACC drop | test ASR % |",
-             "|---|---|---|---|---|---|"]
+    extra = " defender's ACC drop | defender's KL |" if args.defender else ""
+    lines = ["| record | step | channel added | backdoor score | test ACC drop | test ASR % |" + extra,
+             "|---|---|---|---|---|---|" + ("---|---|" if args.defender else "")]
+    train, summary = {}, []
     for path in args.records:
         record = json.loads(Path(path).read_text())
         choice = record["details"]["choice"]
@@ -57,14 +64,75 @@ def main() -> None:
         masks = torch.stack(masks).float()
         base = float(clean.accuracy(torch.ones(1, units.total))[0])
         acc, asr = clean.accuracy(masks), triggered.target_rate(masks, attack.target)
+        if args.defender:
+            defender_acc, defender_kl = defender_view(run, record, units, masks, train, args.data_dir)
         for k in range(len(steps) + 1):
             added = "(the agent's choice)" if k == 0 else f"{steps[k - 1]['unit'][0]} {steps[k - 1]['unit'][1]}"
             score = choice["backdoor_score"] if k == 0 else steps[k - 1]["backdoor_score"]
             lines.append(f"| {Path(path).stem} | {k} | {added} | {score:.4f} | "
-                         f"{100 * (base - float(acc[k])):.2f} | {100 * float(asr[k]):.2f} |")
+                         f"{100 * (base - float(acc[k])):.2f} | {100 * float(asr[k]):.2f} |"
+                         + (f" {100 * float(defender_acc[k]):.2f} | {float(defender_kl[k]):.4f} |"
+                            if args.defender else ""))
             print(lines[-1], flush=True)
+        before = record["before"]
+        summary.append((Path(path).stem, [outcome(before, float(acc[k]), float(asr[k]), base)
+                                          for k in (0, len(steps))]))
+    table = summarize(summary)
+    lines += ["", *table]
+    print("\n".join(table))
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+def outcome(before: dict, acc: float, asr: float, base_acc: float) -> dict:
+    """ASR %, test ACC drop (points) and DER % of one pruning; the record's ``before`` (the
+    unpruned model's ACC and ASR in percent, ``metrics.evaluate``) is the reference."""
+    from trojanprune import metrics
+
+    drop = 100 * (base_acc - acc)
+    der = 100 * metrics.der(before["acc"] / 100, before["acc"] / 100 - drop / 100,
+                            before["asr"] / 100, asr)
+    return {"asr": 100 * asr, "drop": drop, "der": der, "met": 100 * asr <= 2 and drop <= 2}
+
+
+def summarize(summary) -> list[str]:
+    """The agent's choice (step 0, i.e. refine_steps=0) against the refined pruning, per record
+    and on average; "met": issue 5's target (ASR <= 2% at a drop of at most 2 points)."""
+    out = ["| record | agent's choice: ASR % / drop / DER | refined: ASR % / drop / DER |",
+           "|---|---|---|"]
+    for name, (first, last) in summary:
+        out.append(f"| {name} | " + " | ".join(f"{o['asr']:.2f} / {o['drop']:.2f} / {o['der']:.2f}"
+                                               + (" (met)" if o["met"] else "") for o in (first, last)) + " |")
+    for label, k in (("agent's choice", 0), ("refined", 1)):
+        ders = [s[1][k]["der"] for s in summary]
+        out.append(f"\n{label}: mean DER {sum(ders) / len(ders):.2f} over {len(ders)} repairs, "
+                   f"target met on {sum(s[1][k]['met'] for s in summary)}")
+    return out
+
+
+def defender_view(run, record, units, masks, cache, data_dir):
+    """Each mask's accuracy drop on the defender's clean images and its mean KL divergence from
+    the unpruned model on them and their shifted copies (what a guard could use)."""
+    import torch.nn.functional as F
+
+    from trojanprune import data
+    from trojanprune.defenses.shappruning import mean_kl, shifted_views
+
+    ds = run.record["dataset"]
+    key = (ds["name"], ds.get("image_size"))
+    if key not in cache:
+        cache[key] = data.load_dataset(ds["name"], "train", data_dir=data_dir,
+                                       image_size=ds.get("image_size"))
+    clean = data.clean_subset(cache[key], n=record["clean_images"], seed=record["seed"])
+    x, y = clean.tensors()
+    model = run.model.eval()
+    guard = MaskEvaluator(model, units, x, y)
+    views = MaskEvaluator(model, units, shifted_views(x))
+    full = torch.ones(1, units.total)
+    drop = guard.accuracy(full)[0] - guard.accuracy(masks)
+    reference = F.log_softmax(views.logits(full)[0], -1)
+    kl = torch.tensor([mean_kl(reference, views.logits(masks[k:k + 1])[0]) for k in range(len(masks))])
+    return drop, kl
 
 
 if __name__ == "__main__":
