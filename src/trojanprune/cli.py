@@ -235,7 +235,7 @@ def repair_cmd(
     data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
     device: str = typer.Option("cpu"),
     threads: Optional[int] = typer.Option(None, min=1, help="Torch CPU threads (default: "
-                                          "torch's). The same seed gives the same repair only "
+                                          "torch's). A rerun is guaranteed the same repair only "
                                           "with the same thread count; the record keeps it."),
     force: bool = typer.Option(False, help="Replace an existing output directory."),
     json_out: bool = typer.Option(False, "--json", help="Print the repair record as JSON."),

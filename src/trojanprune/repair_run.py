@@ -54,9 +54,10 @@ def repair_and_measure(source: ModelSource, method: str, *, clean=None, seed: in
 
 
 def environment(device) -> dict:
-    """What, besides the seed, decides a repair's outcome: the same seed gives the same pruning
-    only with the same torch version, device and thread count (floating-point sums run in
-    another order on another thread count, and ONP's agent amplifies the difference)."""
+    """What, besides the seed and the code, can decide a repair's outcome: a rerun is
+    guaranteed the same pruning only on the same torch version, device and thread count
+    (floating-point sums may run in another order, and ONP's agent can amplify a difference
+    in the last digit into another pruning)."""
     return {"torch": torch.__version__, "device": str(device), "torch_threads": torch.get_num_threads()}
 
 
