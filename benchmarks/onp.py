@@ -84,6 +84,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     import trojanprune as tp
     from trojanprune import data, metrics
+    from trojanprune.repair_run import environment
     from trojanprune.runs import load_run
 
     if args.runs is not None:
@@ -150,7 +151,8 @@ def main() -> None:
                    "options": options, "before": before, "after": after, "der": der,
                    "seconds": seconds, "evaluations": result.evaluations,
                    "pruned": len(result.pruned), "units": result.total_units,
-                   "probe_target": result.target, "true_target": true_target}
+                   "probe_target": result.target, "true_target": true_target,
+                   "environment": environment(args.device)}
             if method == "onp":
                 d = result.details
                 row["choice"] = d["choice"]
