@@ -269,14 +269,14 @@ def test_final_choice_is_confirmed_on_all_clean_images():
     defense = ONP(seed=0)
     chosen, choice = defense._choose(probs, history, measure, base, total, None)
     assert choice["source"] == "episode 1" and float(chosen[0]) == 0
-    chosen, choice = defense._choose(probs, history, measure, base, total, FitHalf())
+    chosen, choice = defense._choose(probs, history, measure, base, total, AllClean())
     assert choice["source"] == "episode 2" and float(chosen[1]) == 0 and float(chosen[0]) == 1
     assert choice["rejected_by_confirmation"] == 1 and abs(choice["all_clean_acc"] - 0.85) < 1e-6
 
 
 def test_refinement_adds_channels_greedily_within_the_accuracy_guard():
     """refine_steps: each step prunes the pool channel that raises the reward most, skipping
-    those that break the held-out guard or the second guard (the fit half); it stops when
+    those that break the held-out guard or the confirmation on all clean images; it stops when
     nothing raises the reward."""
     from trojanprune.defenses.onp import ONP
 
@@ -288,7 +288,7 @@ def test_refinement_adds_channels_greedily_within_the_accuracy_guard():
         backdoor = 1 - pruned @ gain
         return {"reward": acc - backdoor, "acc": acc, "backdoor": backdoor, "pruned": pruned.sum(1)}
 
-    class FitHalf:  # unit 5 costs 10 points on the fit half
+    class AllClean:  # unit 5 costs 10 points on all the clean images
         def accuracy(self, keep):
             return 0.85 - 0.1 * (keep[:, 5] < 0.5).float()
 
@@ -299,18 +299,18 @@ def test_refinement_adds_channels_greedily_within_the_accuracy_guard():
     defense = ONP(seed=0, refine_steps=5, refine_pool=2)
     probs = torch.tensor([0.9, 0.8, 0.1, 0.1, 0.1, 0.1])  # the policy's top 2: units 0 and 1
     signal = torch.tensor([[0.0], [0.0], [0.9], [0.8], [0.7], [0.6]])  # the signal's top 2: 2 and 3
-    keep, info = defense._refine(torch.ones(6), -0.1, probs, signal, measure, 0.9, FitHalf(), 0.85, Units())
+    keep, info = defense._refine(torch.ones(6), -0.1, probs, signal, measure, 0.9, AllClean(), 0.85, Units())
     assert [s["unit"] for s in info["steps"]] == [["layer", 2], ["layer", 3]] and info["pool"] == 4
     assert keep.tolist() == [1, 1, 0, 0, 1, 1]
     # a constant signal column (a space without suspects) adds nothing to the pool
     # (the policy's top 2 are units 4 and 5 here; a zero column's "top 2" would be units 0 and 1)
     flat = torch.cat([signal, torch.zeros(6, 1)], 1)
     late = torch.tensor([0.1, 0.1, 0.1, 0.1, 0.9, 0.8])
-    _, info = defense._refine(torch.ones(6), -0.1, late, flat, measure, 0.9, FitHalf(), 0.85, Units())
+    _, info = defense._refine(torch.ones(6), -0.1, late, flat, measure, 0.9, AllClean(), 0.85, Units())
     assert info["pool"] == 4
-    # a larger pool reaches unit 5, which the fit half refuses, and unit 4, which the held-out guard does
+    # a larger pool reaches unit 5, which the confirmation refuses, and unit 4, which the guard does
     wide = ONP(seed=0, refine_steps=5, refine_pool=6)
-    keep, info = wide._refine(torch.ones(6), -0.1, probs, signal, measure, 0.9, FitHalf(), 0.85, Units())
+    keep, info = wide._refine(torch.ones(6), -0.1, probs, signal, measure, 0.9, AllClean(), 0.85, Units())
     assert keep.tolist() == [1, 1, 0, 0, 1, 1]
     without_confirmation, _ = wide._refine(torch.ones(6), -0.1, probs, signal, measure, 0.9, None, None, Units())
     assert without_confirmation.tolist() == [1, 1, 0, 0, 1, 0]
@@ -346,7 +346,6 @@ def test_same_seed_same_pruning(backdoor_case):
     assert len(refined.pruned) == len(a.pruned) + len(info["steps"])
     assert set(map(tuple, a.pruned)) <= set(map(tuple, refined.pruned))
     assert all(st["held_out_acc"] >= refined.details["unpruned"]["acc"] - 0.02 - 1e-9 for st in info["steps"])
-    assert all(st["fit_acc"] >= info["fit_acc_unpruned"] - 0.02 - 1e-9 for st in info["steps"])
     assert "refine" not in a.details["choice"]
 
 
