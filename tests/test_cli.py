@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+import trojanprune
 from trojanprune import models
 from trojanprune.cli import app
 from trojanprune.utils import default_mode
@@ -209,6 +210,7 @@ def test_user_model_behind_its_own_normalization_is_repaired_and_saved_in_its_ow
     assert code == 0, text
     record = json.loads(text)
     assert record["environment"]["torch_threads"] == 1 and record["environment"]["device"] == "cpu"
+    assert record["environment"]["trojanprune"] == trojanprune.__version__
     run = json.loads((out / "run.json").read_text())
     assert run["format_version"] == 2  # a run without an adapter stays readable by older code:
     assert json.loads((digits_run / "run.json").read_text())["format_version"] == 1

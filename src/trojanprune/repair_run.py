@@ -58,7 +58,28 @@ def environment(device) -> dict:
     guaranteed the same pruning only on the same torch version, device and thread count
     (floating-point sums may run in another order, and ONP's agent can amplify a difference
     in the last digit into another pruning)."""
-    return {"torch": torch.__version__, "device": str(device), "torch_threads": torch.get_num_threads()}
+    from . import __version__
+
+    return {"trojanprune": __version__, "commit": source_commit(), "torch": torch.__version__,
+            "device": str(device), "torch_threads": torch.get_num_threads()}
+
+
+def source_commit() -> str | None:
+    """The git commit of this checkout of trojanprune (with "+dirty" when it has uncommitted
+    changes), or None when it is not a git checkout (an installed wheel)."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               cwd=here, capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def pruning_masks(model, pruned, example) -> dict[str, torch.Tensor]:
