@@ -71,9 +71,12 @@ def source_commit() -> str | None:
 
     here = Path(__file__).resolve().parent
     try:
+        # an installed copy inside someone else's repository is not that repository's commit
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "--", "__init__.py"],
+                                 cwd=here, capture_output=True, text=True, timeout=10)
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
                               text=True, timeout=10)
-        if head.returncode != 0:
+        if tracked.returncode != 0 or head.returncode != 0:
             return None
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
                                cwd=here, capture_output=True, text=True, timeout=10)
