@@ -22,11 +22,13 @@ from pathlib import Path
 
 import torch
 
-from trojanprune import data
 from trojanprune.defenses.base import CleanData
 from trojanprune.engine import MaskEvaluator, discover_units
 from trojanprune.runs import load_run
 from trojanprune.utils import derive_seed
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from refine_steps import defender_clean, step_masks  # noqa: E402  (the same steps and clean set)
 
 
 def summarize(path: str) -> None:
@@ -40,27 +42,22 @@ def summarize(path: str) -> None:
 
 def main(records: list[str]) -> None:
     torch.set_num_threads(1)
-    train = data.load_dataset("cifar10", "train")
+    train = {}
     for path in records:
         rec = json.loads(Path(path).read_text())
-        steps = rec["details"]["choice"].get("refine", {}).get("steps", [])
         run = load_run(Path("benchmarks/zoo") / f"cifar10-{Path(path).name.split('-seed')[0]}")
         model = run.model.eval()
-        x, y = data.clean_subset(train, n=rec["clean_images"], seed=rec["seed"]).tensors()
+        x, y = defender_clean(run, rec, train)
         fit, held = CleanData(x, y, 10).split(0.5, seed=derive_seed(rec["seed"], "onp-holdout"))
         tx, ty = run.test_set().tensors()
         units = discover_units(model, x[:1])
-        final = [tuple(p) for p in rec["pruned"]]
-        # step k's pruning: the final one without the channels steps k+1.. added
-        masks = torch.stack([units.keep_mask([p for p in final
-                                              if p not in {tuple(s["unit"]) for s in steps[k:]}])
-                             for k in range(len(steps) + 1)]).float()
+        masks = step_masks(rec, units)
         full = torch.ones(1, units.total)
         drops = []
         for name, (xx, yy) in {"fit": (fit.x, fit.y), "held": (held.x, held.y), "test": (tx, ty)}.items():
             ev = MaskEvaluator(model, units, xx, yy)
             drops.append((name, 100 * (ev.accuracy(full)[0] - ev.accuracy(masks))))
-        for k in range(len(steps) + 1):
+        for k in range(len(masks)):
             print(Path(path).stem, k, " ".join(f"{n} {float(d[k]):.2f}" for n, d in drops), flush=True)
 
 

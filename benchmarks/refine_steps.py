@@ -56,12 +56,7 @@ def main() -> None:
         units = discover_units(model, x[:1])
         clean = MaskEvaluator(model, units, x, y)
         triggered = MaskEvaluator(model, units, attack.apply(x[y != attack.target]))
-        final = [tuple(p) for p in record["pruned"]]
-        masks = []
-        for k in range(len(steps) + 1):
-            later = {tuple(s["unit"]) for s in steps[k:]}
-            masks.append(units.keep_mask([p for p in final if p not in later]))
-        masks = torch.stack(masks).float()
+        masks = step_masks(record, units)
         base = float(clean.accuracy(torch.ones(1, units.total))[0])
         acc, asr = clean.accuracy(masks), triggered.target_rate(masks, attack.target)
         if args.defender:
@@ -110,21 +105,39 @@ def summarize(summary) -> list[str]:
     return out
 
 
-def defender_view(run, record, units, masks, cache, data_dir):
-    """Each mask's accuracy drop on the defender's clean images and its mean KL divergence from
-    the unpruned model on them and their shifted copies (what a guard could use)."""
-    import torch.nn.functional as F
+def step_masks(record: dict, units) -> torch.Tensor:
+    """(steps + 1, units.total) keep masks: row k is the pruning after refinement step k (the
+    final pruning without the channels that later steps added; row 0 is the agent's choice)."""
+    steps = record["details"]["choice"].get("refine", {}).get("steps", [])
+    final = [tuple(p) for p in record["pruned"]]
+    masks = []
+    for k in range(len(steps) + 1):
+        later = {tuple(s["unit"]) for s in steps[k:]}
+        masks.append(units.keep_mask([p for p in final if p not in later]))
+    return torch.stack(masks).float()
 
+
+def defender_clean(run, record: dict, cache: dict, data_dir=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The record's own clean images: the training split drawn as the repair drew it (its
+    seed and count); ``cache`` keeps each loaded training split."""
     from trojanprune import data
-    from trojanprune.defenses.shappruning import mean_kl, shifted_views
 
     ds = run.record["dataset"]
     key = (ds["name"], ds.get("image_size"))
     if key not in cache:
         cache[key] = data.load_dataset(ds["name"], "train", data_dir=data_dir,
                                        image_size=ds.get("image_size"))
-    clean = data.clean_subset(cache[key], n=record["clean_images"], seed=record["seed"])
-    x, y = clean.tensors()
+    return data.clean_subset(cache[key], n=record["clean_images"], seed=record["seed"]).tensors()
+
+
+def defender_view(run, record, units, masks, cache, data_dir):
+    """Each mask's accuracy drop on the defender's clean images and its mean KL divergence from
+    the unpruned model on them and their shifted copies (what a guard could use)."""
+    import torch.nn.functional as F
+
+    from trojanprune.defenses.shappruning import mean_kl, shifted_views
+
+    x, y = defender_clean(run, record, cache, data_dir)
     model = run.model.eval()
     guard = MaskEvaluator(model, units, x, y)
     views = MaskEvaluator(model, units, shifted_views(x))
