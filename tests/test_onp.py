@@ -282,7 +282,7 @@ def test_refinement_adds_channels_greedily_within_the_accuracy_guard():
 
     gain = torch.tensor([0.0, 0.0, 0.4, 0.3, 0.5, 0.45])  # how much pruning each unit lowers the score
 
-    def measure(keep):
+    def measure(keep, acc=None):  # ``acc``: what held_accuracy gave, the same formula
         pruned = (keep < 0.5).float()
         acc = 0.9 - 0.05 * pruned[:, 4]  # unit 4 costs 5 points on the held-out half
         backdoor = 1 - pruned @ gain
@@ -296,23 +296,26 @@ def test_refinement_adds_channels_greedily_within_the_accuracy_guard():
         def unit_of(self, i):
             return ("layer", i)
 
+    def held(keep):
+        return measure(keep)["acc"]
+
     defense = ONP(seed=0, refine_steps=5, refine_pool=2)
     probs = torch.tensor([0.9, 0.8, 0.1, 0.1, 0.1, 0.1])  # the policy's top 2: units 0 and 1
     signal = torch.tensor([[0.0], [0.0], [0.9], [0.8], [0.7], [0.6]])  # the signal's top 2: 2 and 3
-    keep, info = defense._refine(torch.ones(6), -0.1, probs, signal, measure, 0.9, AllClean(), 0.85, Units())
+    keep, info = defense._refine(torch.ones(6), -0.1, probs, signal, measure, 0.9, AllClean(), 0.85, Units(), held)
     assert [s["unit"] for s in info["steps"]] == [["layer", 2], ["layer", 3]] and info["pool"] == 4
     assert keep.tolist() == [1, 1, 0, 0, 1, 1]
     # a constant signal column (a space without suspects) adds nothing to the pool
     # (the policy's top 2 are units 4 and 5 here; a zero column's "top 2" would be units 0 and 1)
     flat = torch.cat([signal, torch.zeros(6, 1)], 1)
     late = torch.tensor([0.1, 0.1, 0.1, 0.1, 0.9, 0.8])
-    _, info = defense._refine(torch.ones(6), -0.1, late, flat, measure, 0.9, AllClean(), 0.85, Units())
+    _, info = defense._refine(torch.ones(6), -0.1, late, flat, measure, 0.9, AllClean(), 0.85, Units(), held)
     assert info["pool"] == 4
     # a larger pool reaches unit 5, which the confirmation refuses, and unit 4, which the guard does
     wide = ONP(seed=0, refine_steps=5, refine_pool=6)
-    keep, info = wide._refine(torch.ones(6), -0.1, probs, signal, measure, 0.9, AllClean(), 0.85, Units())
+    keep, info = wide._refine(torch.ones(6), -0.1, probs, signal, measure, 0.9, AllClean(), 0.85, Units(), held)
     assert keep.tolist() == [1, 1, 0, 0, 1, 1]
-    without_confirmation, _ = wide._refine(torch.ones(6), -0.1, probs, signal, measure, 0.9, None, None, Units())
+    without_confirmation, _ = wide._refine(torch.ones(6), -0.1, probs, signal, measure, 0.9, None, None, Units(), held)
     assert without_confirmation.tolist() == [1, 1, 0, 0, 1, 0]
     # with the held-out accuracy alone first, the probe scores only the tries within the guard
     scored = []
@@ -321,8 +324,7 @@ def test_refinement_adds_channels_greedily_within_the_accuracy_guard():
         scored.append(len(keep))
         return measure(keep)
 
-    same, _ = wide._refine(torch.ones(6), -0.1, probs, signal, counting, 0.9, None, None, Units(),
-                           held_accuracy=lambda keep: measure(keep)["acc"])
+    same, _ = wide._refine(torch.ones(6), -0.1, probs, signal, counting, 0.9, None, None, Units(), held)
     assert same.tolist() == [1, 1, 0, 0, 1, 0] and scored[0] == 5  # unit 4 is never scored
     with pytest.raises(ConfigError, match="refine_steps must be an integer >= 0"):
         ONP(seed=0, refine_steps=-1)

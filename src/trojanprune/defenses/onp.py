@@ -546,12 +546,11 @@ class ONP(Defense):
 
     def _refine(self, keep: torch.Tensor, reward: float, probs: torch.Tensor, signal: torch.Tensor,
                 measure, base_acc: float, confirm: MaskEvaluator | None, base_all_acc: float | None,
-                units, held_accuracy=None) -> tuple[torch.Tensor, dict]:
+                units, held_accuracy) -> tuple[torch.Tensor, dict]:
         """Greedy steps from the chosen pruning on the same reward (Options.refine_steps; ours).
         ``base_all_acc``: the unpruned model's accuracy on ``confirm``'s images (the final
-        choice measured it). ``held_accuracy``: the held-out accuracy alone, so that the
-        (costlier) probe scores only the tries within the guard, and ``measure`` reuses it;
-        None: ``measure`` scores every try."""
+        choice measured it). ``held_accuracy``: the held-out accuracy alone, measured first so
+        that the (costlier) probe scores only the tries within the guard; ``measure`` reuses it."""
         o = self.options
         pool = set(torch.argsort(probs.cpu(), descending=True, stable=True)[:o.refine_pool].tolist())
         for col in signal.float().cpu().T:
@@ -566,18 +565,14 @@ class ONP(Defense):
                 break
             masks = keep.repeat(len(tries), 1)
             masks[torch.arange(len(tries)), torch.tensor(tries)] = 0
-            if held_accuracy is None:
-                m = measure(masks)
-            else:
-                acc = held_accuracy(masks).cpu()
-                within = acc >= base_acc - o.acc_tolerance - 1e-9
-                tries = [t for t, w in zip(tries, within.tolist()) if w]
-                if not tries:
-                    break
-                masks = masks[within]
-                m = measure(masks, acc=acc[within])
-            ok = m["acc"] >= base_acc - o.acc_tolerance - 1e-9
-            better = ok & (m["reward"] > reward + 1e-9)
+            acc = held_accuracy(masks).cpu()
+            within = acc >= base_acc - o.acc_tolerance - 1e-9
+            tries = [t for t, w in zip(tries, within.tolist()) if w]
+            if not tries:
+                break
+            masks = masks[within]
+            m = measure(masks, acc=acc[within])
+            better = m["reward"] > reward + 1e-9
             step = None
             for i in torch.argsort(-m["reward"], stable=True).tolist():
                 if not bool(better[i]):
