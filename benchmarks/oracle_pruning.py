@@ -11,6 +11,13 @@ is not exhaustive, so a miss is strong evidence, not a proof; a hit is a proof.
         benchmarks/zoo/cifar10-vgg_small-badnets --layers last:2 --images 2000 --steps 8 \
         --out benchmarks/results/oracle-pruning/vgg_small-badnets-last2.txt
 
+``--evaluate`` skips the search and reports ACC / ASR after pruning each given set of channels
+(e.g. what a defense pruned, or a subset of it), on the same test images:
+
+    TROJANPRUNE_DATA=../shared/datasets python benchmarks/oracle_pruning.py \
+        benchmarks/zoo/cifar10-vgg_small-blended --layers all \
+        --evaluate features.3:1 features.3:1,features.14:20,features.14:64,features.14:93
+
 Cost: one masked evaluation of every remaining channel per step on 2 x ``--images`` images
 (vgg_small, last:2, 2,000 images: ~190 s a step on one thread).
 """
@@ -39,6 +46,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=None, help="also write the lines to this file")
+    ap.add_argument("--evaluate", nargs="+", metavar="GROUP:CHANNEL,...", default=None,
+                    help="no search: ACC / ASR after pruning each comma-separated set of channels")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -59,6 +68,11 @@ def main() -> None:
     lines = [f"{args.run} layers={args.layers} players={total} images={args.images} "
              f"max_drop={args.max_drop} base acc={base_acc:.4f} asr={base_asr:.4f}"]
     print(lines[-1], flush=True)
+    if args.evaluate:
+        lines += evaluate_sets(args.evaluate, units, clean, triggered, target, base_acc)
+        print("\n".join(lines[1:]), flush=True)
+        write(lines, args.out)
+        return
     chosen: list[int] = []
     for step in range(args.steps):
         start = time.perf_counter()
@@ -78,9 +92,25 @@ def main() -> None:
                      f"({(float(acc[best]) - base_acc) * 100:+.2f}) asr={float(asr[best]):.4f} "
                      f"[{time.perf_counter() - start:.0f}s]")
         print(lines[-1], flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(lines) + "\n")
+    write(lines, args.out)
+
+
+def evaluate_sets(sets: list[str], units, clean, triggered, target: int, base_acc: float) -> list[str]:
+    """One line per set of channels ("group:channel,..."): test ACC (drop) and ASR after it."""
+    masks = torch.ones(len(sets), units.total)
+    for row, spec in enumerate(sets):
+        for item in spec.split(","):
+            group, channel = item.strip().rsplit(":", 1)
+            masks[row, units.unit_index(group, int(channel))] = 0
+    acc, asr = clean.accuracy(masks), triggered.target_rate(masks, target)
+    return [f"{spec}: acc={float(a):.4f} ({(float(a) - base_acc) * 100:+.2f}) asr={float(r):.4f}"
+            for spec, a, r in zip(sets, acc, asr)]
+
+
+def write(lines: list[str], out: str | None) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -362,3 +362,42 @@ def test_kl_guard_is_off_by_default_and_vetoes_what_moves_the_predictions(backdo
     loose = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, kl_tolerance=100, **cheap)
     plain = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, **cheap)
     assert loose.pruned == plain.pruned and loose.pruned
+
+
+def test_busy_filter_passes_over_channels_that_move_predictions_more_than_their_layers_median(
+        backdoor_case, few):
+    from trojanprune.defenses.shappruning import _not_busy, _players, mean_kl, shifted_views
+    from trojanprune.engine import MaskEvaluator
+
+    model = backdoor_case.model
+    x, _ = few.tensors()
+    units = _players(discover_units(model, x[:1]), "all", "conv")
+    views = MaskEvaluator(model, units, shifted_views(x))
+    ranking = list(range(units.total))
+    kept, busy = _not_busy(ranking, units.total, units, views, ratio=1.0)
+    assert sorted(kept + list(busy)) == ranking and busy and kept
+    for group in units:  # at most half of a layer lies strictly above its own median
+        start = units.offset(group.name)
+        assert sum(start <= i < start + group.size for i in busy) <= group.size // 2
+    # a busy channel's KL, recomputed by pruning it for good in a copy of the model
+    worst = max(busy, key=lambda i: busy[i]["kl"])
+    reference = torch.log_softmax(model(shifted_views(x)), -1)
+    pruned = apply_masks_permanently(copy.deepcopy(model), units, [units.unit_of(worst)])
+    with torch.no_grad():
+        kl = mean_kl(reference.detach(), pruned(shifted_views(x)))
+    assert kl == pytest.approx(busy[worst]["kl"], rel=1e-3, abs=1e-5)
+    assert busy[worst]["kl"] > busy[worst]["layer_median_kl"]
+    # top_k stops the walk down the ranking; a huge ratio passes over nothing
+    assert len(_not_busy(ranking, 3, units, views, ratio=1.0)[0]) == 3
+    assert _not_busy(ranking, 5, units, views, ratio=1e9) == (ranking[:5], {})
+
+
+def test_busy_filter_is_off_by_default_and_recorded_when_on(backdoor_case, few, repaired):
+    assert "busy_left_out" not in repaired.details["mitigation"]
+    with pytest.raises(ConfigError, match="busy_ratio"):
+        tp.repair(backdoor_case.model, few, method="shappruning", busy_ratio=0)
+    cheap = dict(FAST, permutations=10, warmup=2)
+    on = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, busy_ratio=1, **cheap)
+    left_out = on.details["mitigation"]["busy_left_out"]
+    assert left_out and all(e["kl"] > e["layer_median_kl"] for e in left_out)
+    assert not {tuple(e["unit"]) for e in left_out} & {tuple(p) for p in on.pruned}
