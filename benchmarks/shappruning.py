@@ -76,11 +76,6 @@ def repair_row(name: str, mode: str, model, clean, test, attack, before, options
     print(row, flush=True)
     print(f"    stages (s): {d.get('seconds')}; mitigation: {d.get('mitigation', {}).get('reason')}",
           flush=True)
-    left_out = d.get("mitigation", {}).get("busy_left_out")
-    if left_out:
-        print("    left out as busy (busy_ratio): " + ", ".join(
-            f"{e['unit'][0]}:{e['unit'][1]} (KL {e['kl']:.4f}, layer median {e['layer_median_kl']:.4f})"
-            for e in left_out), flush=True)
     if "data" in d and d["data"].get("mode") == "data-free":
         print(f"    synthesized: {d['data']}", flush=True)
     return row, result

@@ -220,15 +220,6 @@ class Options:
             Data-free (shifted synthesized images), it vetoed 12 of 14 candidates on the MNIST
             test model. Use it when accuracy comes first, with a value measured on a model like
             yours (the benchmark's walk mode shows the KL of each step; BENCHMARKS.md, "Stop 26").
-        busy_ratio: an optional filter on the candidates before the walk (ours; None = off):
-            a candidate is left out when removing it ALONE moves the predictions on the few
-            images and eight shifted copies of each (mean KL, as ``kl_tolerance``) by more
-            than ``busy_ratio`` times what removing the median channel of its own layer does.
-            Why: the channels a backdoor runs through are ones the clean task barely uses (the
-            premise of Fine-Pruning and of the paper's "under 1%"), while a stand-in trigger
-            can also lean on channels every image uses, whose removal costs accuracy ten images
-            do not show. The comparison is within a layer of the same model, so unlike
-            ``kl_tolerance`` it carries no model-specific scale.
     """
 
     synth_per_class: int = 2
@@ -264,7 +255,6 @@ class Options:
     acc_tolerance: float = 0.1
     margin_tolerance: float = 0.2
     kl_tolerance: float | None = None
-    busy_ratio: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1:
@@ -305,11 +295,6 @@ class Options:
         if self.kl_tolerance is not None and not self.kl_tolerance >= 0:
             raise ConfigError(f"kl_tolerance must be None (off) or >= 0 (nats), got "
                               f"{self.kl_tolerance!r}")
-        self.busy_ratio = optional_number(self.busy_ratio, "busy_ratio",
-                                          none_words=("", "none", "off"))
-        if self.busy_ratio is not None and not self.busy_ratio > 0:
-            raise ConfigError(f"busy_ratio must be None (off) or > 0 (a multiple of the layer's "
-                              f"median channel), got {self.busy_ratio!r}")
         if not 0 <= self.large_mask_accuracy_ratio <= 1:
             raise ConfigError(f"large_mask_accuracy_ratio must be in [0, 1], got "
                               f"{self.large_mask_accuracy_ratio!r}")
@@ -464,12 +449,7 @@ class ShapPruning(Defense):
 
         # -- mitigation -----------------------------------------------------------------------
         start = time.perf_counter()
-        positive = [int(i) for i in est.ranking() if float(est.values[i]) > 0]
-        candidates, busy = positive[:top_k], {}
-        if o.busy_ratio is not None:
-            views = MaskEvaluator(model, units, shifted_views(x))
-            candidates, busy = _not_busy(positive, top_k, units, views, o.busy_ratio)
-            evals["busy_filter"] = views.evaluations
+        candidates = [int(i) for i in est.ranking()[:top_k] if float(est.values[i]) > 0]
         used_before = trig.evaluations
         guard = MaskEvaluator(model, units, x, y)
         plain = MaskEvaluator(model, units, x[victims])  # the same images without the trigger
@@ -480,9 +460,6 @@ class ShapPruning(Defense):
         evals["mitigation"] = (trig.evaluations - used_before + guard.evaluations
                                + plain.evaluations + (fidelity.evaluations if fidelity else 0))
         seconds["mitigation"] = time.perf_counter() - start
-        if o.busy_ratio is not None:
-            mitigation["busy_left_out"] = [
-                {"unit": list(units.unit_of(i)), **entry} for i, entry in busy.items()]
         details["mitigation"] = mitigation
         if mitigation.get("budget_ran_out"):  # what a Python caller would otherwise not see
             warnings.warn(f"ShapPruning: {mitigation['reason']}. The backdoor may survive; the "
@@ -626,34 +603,6 @@ def shifted_views(x: torch.Tensor, shift: int | None = None) -> torch.Tensor:
 def mean_kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
     """Mean over images of KL(reference || softmax(logits)); ``reference``: log-probabilities."""
     return float((reference.exp() * (reference - F.log_softmax(logits, -1))).sum(-1).mean())
-
-
-def _not_busy(ranking: list[int], top_k: int, units, views: MaskEvaluator,
-              ratio: float) -> tuple[list[int], dict[int, dict]]:
-    """``busy_ratio``: the first ``top_k`` channels of ``ranking`` that are not busy, and the
-    busy ones passed over on the way ({channel: {"kl", "layer_median_kl"}}). A channel is busy
-    when its removal alone moves the predictions on ``views`` (mean KL from the unpruned
-    model's) by more than ``ratio`` x the median channel of its layer."""
-    total = units.total
-    reference = F.log_softmax(views.logits(torch.ones(1, total))[0], -1)
-    layer_kl: dict[str, torch.Tensor] = {}
-    kept, busy = [], {}
-    for i in ranking:
-        if len(kept) >= top_k:
-            break
-        name, channel = units.unit_of(i)
-        if name not in layer_kl:  # every channel of the layer alone, once
-            start, size = units.offset(name), units[name].size
-            masks = torch.ones(size, total)
-            masks[torch.arange(size), start + torch.arange(size)] = 0
-            logits = views.logits(masks)
-            layer_kl[name] = torch.tensor([mean_kl(reference, logits[c]) for c in range(size)])
-        kl, median = float(layer_kl[name][channel]), float(layer_kl[name].median())
-        if kl > ratio * median + 1e-12:
-            busy[i] = {"kl": round(kl, 6), "layer_median_kl": round(median, 6)}
-        else:
-            kept.append(i)
-    return kept, busy
 
 
 def _mitigate(candidates: list[int], total: int, trig: MaskEvaluator, plain: MaskEvaluator,
