@@ -100,7 +100,9 @@ def evaluate_sets(sets: list[str], units, clean, triggered, target: int, base_ac
     masks = torch.ones(len(sets), units.total)
     for row, spec in enumerate(sets):
         for item in spec.split(","):
-            group, channel = item.strip().rsplit(":", 1)
+            group, _, channel = item.strip().rpartition(":")
+            if not group or not channel.isdigit():
+                raise SystemExit(f"--evaluate: {item!r} is not GROUP:CHANNEL (e.g. features.3:1)")
             masks[row, units.unit_index(group, int(channel))] = 0
     acc, asr = clean.accuracy(masks), triggered.target_rate(masks, target)
     return [f"{spec}: acc={float(a):.4f} ({(float(a) - base_acc) * 100:+.2f}) asr={float(r):.4f}"
