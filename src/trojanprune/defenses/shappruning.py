@@ -171,8 +171,9 @@ class Options:
             ASR with 5 of their channels on that model (BENCHMARKS.md, "Stop 25"). What
             "auto" gives up: a backdoor that lives in the first third. On the CIFAR-10
             vgg_small Blended model one second-layer channel carries it (pruned alone: ASR
-            100% -> 2.15% at -0.10 points); "all" repairs that model on 5 seeds of 5 (ASR
-            0.92-1.68%; issue 4's target met on 4), "auto" meets the target on none. But "all"
+            100% -> 2.15% at -0.10 points), and without it five channels leave 7.25% even when
+            an oracle that knows the trigger picks them; "all" repairs that model on 5 seeds of
+            5 (ASR 0.92-1.68%; issue 4's target met on 4), "auto" on none. But "all"
             met it on no BadNets or SIG repair (BENCHMARKS.md, "Stop 31"): ten images cannot
             tell that channel from the early channels a stand-in trigger leans on, so "auto"
             stays the default.
