@@ -97,16 +97,18 @@ def main() -> None:
 
 def evaluate_sets(sets: list[str], units, clean, triggered, target: int, base_acc: float) -> list[str]:
     """One line per set of channels ("group:channel,..."): test ACC (drop) and ASR after it."""
-    masks = torch.ones(len(sets), units.total)
-    for row, spec in enumerate(sets):
-        for item in spec.split(","):
-            group, _, channel = item.strip().rpartition(":")
-            if not group or not channel.isdigit():
-                raise SystemExit(f"--evaluate: {item!r} is not GROUP:CHANNEL (e.g. features.3:1)")
-            masks[row, units.unit_index(group, int(channel))] = 0
+    masks = torch.stack([units.keep_mask([channel_of(item) for item in spec.split(",")])
+                         for spec in sets])
     acc, asr = clean.accuracy(masks), triggered.target_rate(masks, target)
     return [f"{spec}: acc={float(a):.4f} ({(float(a) - base_acc) * 100:+.2f}) asr={float(r):.4f}"
             for spec, a, r in zip(sets, acc, asr)]
+
+
+def channel_of(item: str) -> tuple[str, int]:
+    group, _, channel = item.strip().rpartition(":")
+    if not group or not channel.isdigit():
+        raise SystemExit(f"--evaluate: {item!r} is not GROUP:CHANNEL (e.g. features.3:1)")
+    return group, int(channel)
 
 
 def write(lines: list[str], out: str | None) -> None:
