@@ -330,6 +330,37 @@ def test_refinement_adds_channels_greedily_within_the_accuracy_guard():
         ONP(seed=0, refine_steps=-1)
 
 
+def test_give_back_returns_channels_that_cost_accuracy_and_hold_no_backdoor():
+    """give_back: each step returns the pruned channel whose return raises the reward most;
+    "score" skips returns that raise the probe's backdoor score, "reward" trades them."""
+    from trojanprune.defenses.onp import ONP
+
+    cost = torch.tensor([0.0, 0.02, 0.01, 0.03, 0.0])  # held-out accuracy each pruned unit costs
+    held = torch.tensor([0.0, 0.0, 0.0, 0.01, 0.5])  # backdoor score each returned unit brings back
+
+    def measure(keep, acc=None):
+        pruned = (keep < 0.5).float()
+        acc = 0.9 - pruned @ cost
+        backdoor = (1 - pruned) @ held
+        return {"reward": acc - backdoor, "acc": acc, "backdoor": backdoor, "pruned": pruned.sum(1)}
+
+    class Units:
+        def unit_of(self, i):
+            return ("layer", i)
+
+    chosen = torch.tensor([1.0, 0, 0, 0, 0])  # units 1-4 pruned
+    keep, info = ONP(seed=0, give_back="score")._give_back(chosen, measure, Units())
+    # unit 1 first (the largest gain), then 2; unit 3 raises the score, unit 4 the reward never
+    assert [r["unit"] for r in info["returned"]] == [["layer", 1], ["layer", 2]]
+    assert keep.tolist() == [1, 1, 1, 0, 0]
+    keep, info = ONP(seed=0, give_back="reward")._give_back(chosen, measure, Units())
+    # unit 3's 3 points outweigh its 0.01 of score; unit 4's 0.5 of score outweighs nothing
+    assert [r["unit"] for r in info["returned"]] == [["layer", 3], ["layer", 1], ["layer", 2]]
+    assert keep.tolist() == [1, 1, 1, 1, 0]
+    with pytest.raises(ConfigError, match="give_back must be one of off, score, reward"):
+        ONP(seed=0, give_back="all")
+
+
 def test_same_seed_same_pruning(backdoor_case):
     case = backdoor_case
     opts = dict(seed=3, episodes=16, episodes_per_update=8, reverse_steps=10, reverse_batch_size=4,
@@ -348,7 +379,11 @@ def test_same_seed_same_pruning(backdoor_case):
     assert len(refined.pruned) == len(a.pruned) + len(info["steps"])
     assert set(map(tuple, a.pruned)) <= set(map(tuple, refined.pruned))
     assert all(st["held_out_acc"] >= refined.details["unpruned"]["acc"] - 0.02 - 1e-9 for st in info["steps"])
-    assert "refine" not in a.details["choice"]
+    assert "refine" not in a.details["choice"] and "give_back" not in a.details["choice"]
+    # so does the give-back step: it only unprunes channels of the same choice
+    given = tp.repair(case.model, case.clean, method="onp", give_back="reward", **opts)
+    returned = {tuple(r["unit"]) for r in given.details["choice"]["give_back"]["returned"]}
+    assert set(map(tuple, given.pruned)) == set(map(tuple, a.pruned)) - returned
 
 
 # -- the probes ----------------------------------------------------------------------------------

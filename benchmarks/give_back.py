@@ -1,0 +1,135 @@
+"""ONP's give-back step (Options.give_back) replayed on recorded repairs: test ACC and ASR of
+the agent's choice and of that choice after each give-back rule.
+
+For each repair record (``trojanprune repair ... --method onp --json``: ``repair.json``) this
+script redoes what the repair did before its agent ran (the same clean images, split, units
+and backdoor probe, from the record's seed and options) and checks that the probe gives the
+agent's choice the backdoor score the record holds. It then runs the give-back step from the
+agent's choice (step 0 of ``refine_steps.py``: the repair with ``refine_steps=0``, ONP's
+default) under each rule, which sees only the defender's held-out half and the probe, and
+measures every pruning on the zoo model's test split with the true trigger, which the
+defense never sees. The agent itself is not rerun: its choice is the record's.
+
+    TROJANPRUNE_DATA=../shared/datasets python benchmarks/give_back.py \\
+        benchmarks/results/onp-stop30/*-refine6.json --out benchmarks/results/onp-stop32/give-back.md
+
+Record names follow ``refine_steps.py`` (``<model>-<attack>-seed<S>-<variant>.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from trojanprune import defenses
+from trojanprune.defenses.base import CleanData
+from trojanprune.defenses.onp import GIVE_BACK_RULES, RewardTerms
+from trojanprune.engine import MaskEvaluator, discover_units
+from trojanprune.onp.probes import create_probe
+from trojanprune.runs import load_run
+from trojanprune.utils import seed_everything
+
+from refine_steps import defender_clean, outcome, step_masks
+
+RULES = [r for r in GIVE_BACK_RULES if r != "off"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("records", nargs="+")
+    ap.add_argument("--zoo", default="benchmarks/zoo")
+    ap.add_argument("--dataset", default="cifar10")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--out", default=None, help="a markdown table; each record's returns go to OUT's "
+                                                "folder as <record>-give-back.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    header = ("| record | probe score: record / replay | " + " | ".join(
+        f"{r}: channels returned, ASR % / drop / DER" for r in RULES) + " | agent's choice: ASR % / drop / DER |")
+    lines = [header, "|" + "---|" * (3 + len(RULES))]
+    train, summary_rows = {}, []
+    for path in args.records:
+        record = json.loads(Path(path).read_text())
+        name = Path(path).stem
+        run = load_run(Path(args.zoo) / f"{args.dataset}-{Path(path).name.split('-seed')[0]}")
+        chosen, measure, defense, units = replay(run, record, train, args.data_dir)
+        recorded = record["details"]["choice"]["backdoor_score"]
+        replayed = float(measure(chosen[None])["backdoor"][0])
+        masks, returns = [chosen], {}
+        for rule in RULES:
+            defense.options.give_back = rule
+            keep, info = defense._give_back(chosen, measure, units)
+            masks.append(keep)
+            returns[rule] = info
+        acc, asr, base = test_metrics(run, torch.stack(masks), args.data_dir)
+        results = [outcome(record["before"], float(a), float(s), base) for a, s in zip(acc, asr)]
+        cells = [f"{len(returns[r]['returned'])}, " + fmt(o) for r, o in zip(RULES, results[1:])]
+        lines.append(f"| {name} | {recorded:.4f} / {replayed:.4f} | " + " | ".join(cells)
+                     + f" | {fmt(results[0])} |")
+        print(lines[-1], flush=True)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            (Path(args.out).parent / f"{name}-give-back.json").write_text(json.dumps(
+                {"record": str(path), "probe_score_recorded": recorded, "probe_score_replayed": replayed,
+                 "rules": returns, "test": dict(zip(["agent's choice", *RULES], results))}, indent=1))
+        summary_rows.append((name, results))
+    table = summarize(summary_rows)
+    lines += ["", *table]
+    print("\n".join(table))
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+def fmt(o: dict) -> str:
+    return f"{o['asr']:.2f} / {o['drop']:.2f} / {o['der']:.2f}" + (" (met)" if o["met"] else "")
+
+
+def summarize(rows) -> list[str]:
+    out = []
+    for k, label in enumerate(["agent's choice", *(f"give_back={r}" for r in RULES)]):
+        ders = [r[1][k]["der"] for r in rows]
+        out.append(f"{label}: mean DER {sum(ders) / len(ders):.2f} over {len(ders)} repairs, "
+                   f"target met on {sum(r[1][k]['met'] for r in rows)}")
+    return out
+
+
+def replay(run, record: dict, cache: dict, data_dir):
+    """The repair's state when its agent started, rebuilt as ``trojanprune.repair`` and
+    ``ONP.run`` build it: (agent's choice keep mask, reward terms, the defense, units)."""
+    x, y = defender_clean(run, record, cache, data_dir)
+    model = copy.deepcopy(run.model).float().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    seed = record["seed"]
+    seed_everything(seed)
+    defense = defenses.get("onp")(seed=seed, **record["options"])
+    o = defense.options
+    clean = CleanData(x, y, int(run.record["dataset"].get("num_classes", 10)))
+    fit, held = defense._split(clean)
+    units = discover_units(model, clean.x[:1])
+    if o.layers != "all":
+        units = units.select(o.layers)
+    probe = create_probe(o.probe, model, units, fit, held, o, seed=seed)
+    measure = RewardTerms(o, MaskEvaluator(model, units, held.x, held.y), probe, units.total)
+    return step_masks(record, units)[0], measure, defense, units
+
+
+def test_metrics(run, masks: torch.Tensor, data_dir):
+    """Test accuracy and the true trigger's attack success rate of each keep mask, and the
+    unpruned model's test accuracy."""
+    model, attack = run.model.eval(), run.attack()
+    x, y = run.test_set(data_dir).tensors()
+    units = discover_units(model, x[:1])
+    clean = MaskEvaluator(model, units, x, y)
+    triggered = MaskEvaluator(model, units, attack.apply(x[y != attack.target]))
+    base = float(clean.accuracy(torch.ones(1, units.total))[0])
+    return clean.accuracy(masks), triggered.target_rate(masks, attack.target), base
+
+
+if __name__ == "__main__":
+    main()
