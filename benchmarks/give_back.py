@@ -14,6 +14,9 @@ defense never sees. The agent itself is not rerun: its choice is the record's.
         benchmarks/results/onp-stop30/*-refine6.json --out benchmarks/results/onp-stop32/give-back.md
 
 Record names follow ``refine_steps.py`` (``<model>-<attack>-seed<S>-<variant>.json``).
+``--merge`` summarizes the ``<record>-give-back.json`` files of runs split across jobs:
+
+    python benchmarks/give_back.py --merge benchmarks/results/onp-stop32/*-give-back.json
 """
 
 from __future__ import annotations
@@ -47,7 +50,14 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=None, help="a markdown table; each record's returns go to OUT's "
                                                 "folder as <record>-give-back.json")
+    ap.add_argument("--merge", action="store_true",
+                    help="RECORDS are give-back JSONs this script wrote: print their joint summary")
     args = ap.parse_args()
+    if args.merge:
+        tests = [json.loads(Path(p).read_text())["test"] for p in args.records]
+        print("\n".join(summarize([(p, [t[k] for k in ("agent's choice", *RULES)])
+                                   for p, t in zip(args.records, tests)])))
+        return
     torch.set_num_threads(args.threads)
     header = ("| record | probe score: record / replay | " + " | ".join(
         f"{r}: channels returned, ASR % / drop / DER" for r in RULES) + " | agent's choice: ASR % / drop / DER |")

@@ -364,7 +364,7 @@ def test_give_back_returns_channels_that_cost_accuracy_and_hold_no_backdoor():
 def test_same_seed_same_pruning(backdoor_case):
     case = backdoor_case
     opts = dict(seed=3, episodes=16, episodes_per_update=8, reverse_steps=10, reverse_batch_size=4,
-                feature_steps=20, feature_per_class=3)
+                feature_steps=20, feature_per_class=3, give_back="off")
     a = tp.repair(case.model, case.clean, method="onp", **opts)
     b = tp.repair(case.model, case.clean, method="onp", **opts)
     assert a.pruned == b.pruned
@@ -380,8 +380,8 @@ def test_same_seed_same_pruning(backdoor_case):
     assert set(map(tuple, a.pruned)) <= set(map(tuple, refined.pruned))
     assert all(st["held_out_acc"] >= refined.details["unpruned"]["acc"] - 0.02 - 1e-9 for st in info["steps"])
     assert "refine" not in a.details["choice"] and "give_back" not in a.details["choice"]
-    # so does the give-back step: it only unprunes channels of the same choice
-    given = tp.repair(case.model, case.clean, method="onp", give_back="reward", **opts)
+    # so does the give-back step (the default): it only unprunes channels of the same choice
+    given = tp.repair(case.model, case.clean, method="onp", **{**opts, "give_back": "score"})
     returned = {tuple(r["unit"]) for r in given.details["choice"]["give_back"]["returned"]}
     assert set(map(tuple, given.pruned)) == set(map(tuple, a.pruned)) - returned
 

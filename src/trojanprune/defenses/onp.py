@@ -226,12 +226,18 @@ class Options:
         was 1.6 points below the unpruned model on the held-out half and 3.7 on the test
         split; with it, 1.8 on the test split (BENCHMARKS.md).
     give_back: after the final choice (and the refinement), return pruned channels one at a
-        time (ours): "off" (default), "score" (return the channel whose return raises the
-        reward most, among those that leave the probe's backdoor score no higher; repeat until
-        none does) or "reward" (the same without the score condition). Why: the agent's
-        choice can carry channels that cost accuracy and hold no backdoor; on the vgg_small
-        BadNets zoo model three of a 12-channel pruning each cost about 1 test point and left
-        the ASR where it was (BENCHMARKS.md, "Stop 31").
+        time (ours): "score" (default: return the channel whose return raises the reward most,
+        among those that leave the probe's backdoor score no higher; repeat until none does),
+        "reward" (the same without the score condition) or "off". Why: the agent's choice can
+        carry channels that cost accuracy and hold no backdoor; on the vgg_small BadNets zoo
+        model three of a 12-channel pruning each cost about 1 test point and left the ASR where
+        it was (BENCHMARKS.md, "Stop 31"). Replayed on the agent's choices of 19 zoo repairs
+        (stop 32) "score" returned channels on 8 and met issue 5's target on 8 instead of 7
+        (resnet20 BadNets seed 0: 1.43% at -2.32 points became 1.34% at -1.47), mean DER
+        90.37 -> 90.49; "reward" did as well (90.56, 8) but may trade the probe's score for
+        held-out accuracy, which the held-out half overstates (the winner's curse, stop 30):
+        the returns' own test gains are small and sometimes negative (vgg_small BadNets seed 1:
+        three channels returned, test drop 1.61 -> 2.46 points while the ASR fell 34.6 -> 30.3%).
     """
 
     probe: str = "suspects"
@@ -279,7 +285,7 @@ class Options:
     refine_steps: int = 0
     refine_pool: int = 16
     confirm_on_all: bool = True
-    give_back: str = "off"
+    give_back: str = "score"
 
     def __post_init__(self):
         from ..onp.agent import CONVS, ENCODERS
