@@ -445,9 +445,10 @@ class ONP(Defense):
                                                     measure, float(base["acc"][0]), confirm,
                                                     choice.get("all_clean_acc_unpruned"), units,
                                                     held_accuracy=accuracy.accuracy)
+        lap("final_choice")
         if o.give_back != "off":
             chosen, choice["give_back"] = self._give_back(chosen, measure, units)
-        lap("final_choice")
+            lap("give_back")
 
         # -- 8. prune for good ----------------------------------------------------------------
         pruned = units.pruned_list(chosen)
