@@ -13,6 +13,10 @@ defense never sees. The agent itself is not rerun: its choice is the record's.
     TROJANPRUNE_DATA=../shared/datasets python benchmarks/give_back.py \\
         benchmarks/results/onp-stop30/*-refine6.json --out benchmarks/results/onp-stop32/give-back.md
 
+``--start refined`` starts the step from the record's final pruning instead (the agent's
+choice plus its ``refine_steps``; the combination ``refine_steps=N, give_back=...``); the
+probe check then uses the last step's recorded score.
+
 Record names follow ``refine_steps.py`` (``<model>-<attack>-seed<S>-<variant>.json``).
 ``--merge`` summarizes the ``<record>-give-back.json`` files of runs split across jobs:
 
@@ -50,25 +54,29 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=None, help="a markdown table; each record's returns go to OUT's "
                                                 "folder as <record>-give-back.json")
+    ap.add_argument("--start", choices=["choice", "refined"], default="choice",
+                    help="give back from the agent's choice (default) or the refined pruning")
     ap.add_argument("--merge", action="store_true",
                     help="RECORDS are give-back JSONs this script wrote: print their joint summary")
     args = ap.parse_args()
     if args.merge:
         tests = [json.loads(Path(p).read_text())["test"] for p in args.records]
-        print("\n".join(summarize([(p, [t[k] for k in ("agent's choice", *RULES)])
-                                   for p, t in zip(args.records, tests)])))
+        start = next(iter(tests[0]))  # the pruning the step started from
+        print("\n".join(summarize([(p, list(t.values())) for p, t in zip(args.records, tests)], start)))
         return
     torch.set_num_threads(args.threads)
+    start = "agent's choice" if args.start == "choice" else "refined"
     header = ("| record | probe score: record / replay | " + " | ".join(
-        f"{r}: channels returned, ASR % / drop / DER" for r in RULES) + " | agent's choice: ASR % / drop / DER |")
+        f"{r}: channels returned, ASR % / drop / DER" for r in RULES) + f" | {start}: ASR % / drop / DER |")
     lines = [header, "|" + "---|" * (3 + len(RULES))]
     train, summary_rows = {}, []
     for path in args.records:
         record = json.loads(Path(path).read_text())
         name = Path(path).stem
         run = load_run(Path(args.zoo) / f"{args.dataset}-{Path(path).name.split('-seed')[0]}")
-        chosen, measure, defense, units = replay(run, record, train, args.data_dir)
-        recorded = record["details"]["choice"]["backdoor_score"]
+        chosen, measure, defense, units = replay(run, record, train, args.data_dir, args.start)
+        steps = record["details"]["choice"].get("refine", {}).get("steps", [])
+        recorded = (steps[-1] if args.start == "refined" and steps else record["details"]["choice"])["backdoor_score"]
         replayed = float(measure(chosen[None])["backdoor"][0])
         masks, returns = [chosen], {}
         for rule in RULES:
@@ -84,11 +92,11 @@ def main() -> None:
         print(lines[-1], flush=True)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            (Path(args.out).parent / f"{name}-give-back.json").write_text(json.dumps(
+            (Path(args.out).parent / f"{name}-give-back{'' if args.start == 'choice' else '-refined'}.json").write_text(json.dumps(
                 {"record": str(path), "probe_score_recorded": recorded, "probe_score_replayed": replayed,
-                 "rules": returns, "test": dict(zip(["agent's choice", *RULES], results))}, indent=1))
+                 "rules": returns, "test": dict(zip([start, *RULES], results))}, indent=1))
         summary_rows.append((name, results))
-    table = summarize(summary_rows)
+    table = summarize(summary_rows, start)
     lines += ["", *table]
     print("\n".join(table))
     if args.out:
@@ -99,18 +107,19 @@ def fmt(o: dict) -> str:
     return f"{o['asr']:.2f} / {o['drop']:.2f} / {o['der']:.2f}" + (" (met)" if o["met"] else "")
 
 
-def summarize(rows) -> list[str]:
+def summarize(rows, start: str) -> list[str]:
     out = []
-    for k, label in enumerate(["agent's choice", *(f"give_back={r}" for r in RULES)]):
+    for k, label in enumerate([start, *(f"give_back={r}" for r in RULES)]):
         ders = [r[1][k]["der"] for r in rows]
         out.append(f"{label}: mean DER {sum(ders) / len(ders):.2f} over {len(ders)} repairs, "
                    f"target met on {sum(r[1][k]['met'] for r in rows)}")
     return out
 
 
-def replay(run, record: dict, cache: dict, data_dir):
+def replay(run, record: dict, cache: dict, data_dir, start: str = "choice"):
     """The repair's state when its agent started, rebuilt as ``trojanprune.repair`` and
-    ``ONP.run`` build it: (agent's choice keep mask, reward terms, the defense, units)."""
+    ``ONP.run`` build it: (the keep mask to start from: the agent's choice or, with ``start``
+    "refined", the record's final pruning; reward terms; the defense; units)."""
     x, y = defender_clean(run, record, cache, data_dir)
     model = copy.deepcopy(run.model).float().eval()
     for p in model.parameters():
@@ -126,7 +135,7 @@ def replay(run, record: dict, cache: dict, data_dir):
         units = units.select(o.layers)
     probe = create_probe(o.probe, model, units, fit, held, o, seed=seed)
     measure = RewardTerms(o, MaskEvaluator(model, units, held.x, held.y), probe, units.total)
-    return step_masks(record, units)[0], measure, defense, units
+    return step_masks(record, units)[0 if start == "choice" else -1], measure, defense, units
 
 
 def test_metrics(run, masks: torch.Tensor, data_dir):
