@@ -48,8 +48,9 @@ Ours (the paper does not publish them):
   model's, and (``confirm_on_all``) whose accuracy on all the clean images is too (the
   unpruned model itself when none is); optionally (``refine_steps``, off by default) greedy
   steps on the same reward, each pruning one more channel of a pool (the policy's and the
-  probe signals' top channels) within the same guards; applied with the engine's
-  ``apply_masks_permanently``.
+  probe signals' top channels) within the same guards; then (``give_back="score"``, the
+  default) pruned channels are returned one at a time while a return raises the reward
+  without raising the backdoor score; applied with the engine's ``apply_masks_permanently``.
 
 Every choice is made on the defender's clean data; the true trigger is never used.
 """
