@@ -25,7 +25,6 @@ Record names follow ``refine_steps.py`` (``<model>-<attack>-seed<S>-<variant>.js
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 from pathlib import Path
@@ -40,18 +39,13 @@ from trojanprune.onp.probes import create_probe
 from trojanprune.runs import load_run
 from trojanprune.utils import seed_everything
 
-from refine_steps import defender_clean, outcome, step_masks
+from refine_steps import defender_clean, outcome, record_arguments, step_masks
 
 RULES = [r for r in GIVE_BACK_RULES if r != "off"]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("records", nargs="+")
-    ap.add_argument("--zoo", default="benchmarks/zoo")
-    ap.add_argument("--dataset", default="cifar10")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--data-dir", default=None)
+    ap = record_arguments(__doc__)
     ap.add_argument("--out", default=None, help="a markdown table; each record's returns go to OUT's "
                                                 "folder as <record>-give-back.json")
     ap.add_argument("--start", choices=["choice", "refined"], default="choice",

@@ -29,12 +29,7 @@ from trojanprune.runs import load_run
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("records", nargs="+")
-    ap.add_argument("--zoo", default="benchmarks/zoo")
-    ap.add_argument("--dataset", default="cifar10")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--data-dir", default=None)
+    ap = record_arguments(__doc__)
     ap.add_argument("--defender", action="store_true",
                     help="also what the defender could see: accuracy drop on the record's own "
                          "clean images (training split, the record's seed) and the mean KL "
@@ -77,6 +72,18 @@ def main() -> None:
     print("\n".join(table))
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+def record_arguments(doc: str) -> argparse.ArgumentParser:
+    """The arguments of a script over repair records: the records, where the zoo runs are,
+    their dataset, torch threads and the data folder."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("records", nargs="+")
+    ap.add_argument("--zoo", default="benchmarks/zoo")
+    ap.add_argument("--dataset", default="cifar10")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--data-dir", default=None)
+    return ap
 
 
 def outcome(before: dict, acc: float, asr: float, base_acc: float) -> dict:
