@@ -232,7 +232,7 @@ def test_result_records_policy_scores_curve_and_evaluations(backdoor_case, onp_r
     assert d["evaluations_by_part"]["reward_accuracy"] >= 129
     assert d["evaluations_by_part"]["probe"] >= d["probe"]["reverse"]["evaluations"] + 129
     # wall time per stage, each measured (the probe's reverse and the episodes cannot take 0 s)
-    assert list(d["seconds"]) == ["probe", "graphs", "episodes", "final_choice"]
+    assert list(d["seconds"]) == ["probe", "graphs", "episodes", "final_choice", "give_back"]
     assert d["seconds"]["probe"] > 0 and d["seconds"]["episodes"] > 0
     assert {"reversed_trigger_mask_class0", "reversed_trigger_pattern_class0"} <= set(result.images)
     # what is pruned is what the engine removed: the pruned channels are zero
