@@ -6,7 +6,7 @@ script redoes what the repair did before its agent ran (the same clean images, s
 and backdoor probe, from the record's seed and options) and checks that the probe gives the
 agent's choice the backdoor score the record holds. It then runs the give-back step from the
 agent's choice (step 0 of ``refine_steps.py``: the repair with ``refine_steps=0``, ONP's
-default) under each rule, which sees only the defender's held-out half and the probe, and
+default until stop 33) under each rule, which sees only the defender's held-out half and the probe, and
 measures every pruning on the zoo model's test split with the true trigger, which the
 defense never sees. The agent itself is not rerun: its choice is the record's.
 

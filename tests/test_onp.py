@@ -364,7 +364,7 @@ def test_give_back_returns_channels_that_cost_accuracy_and_hold_no_backdoor():
 def test_same_seed_same_pruning(backdoor_case):
     case = backdoor_case
     opts = dict(seed=3, episodes=16, episodes_per_update=8, reverse_steps=10, reverse_batch_size=4,
-                feature_steps=20, feature_per_class=3, give_back="off")
+                feature_steps=20, feature_per_class=3, refine_steps=0, give_back="off")
     a = tp.repair(case.model, case.clean, method="onp", **opts)
     b = tp.repair(case.model, case.clean, method="onp", **opts)
     assert a.pruned == b.pruned
@@ -372,7 +372,7 @@ def test_same_seed_same_pruning(backdoor_case):
     assert a.details["policy_prune_probability"] == b.details["policy_prune_probability"]
     # the refinement runs through the defense: it starts from the same choice, records its
     # steps, and keeps the accuracy guard
-    refined = tp.repair(case.model, case.clean, method="onp", refine_steps=2, **opts)
+    refined = tp.repair(case.model, case.clean, method="onp", **{**opts, "refine_steps": 2})
     info = refined.details["choice"]["refine"]
     assert refined.details["choice"]["source"] == a.details["choice"]["source"]
     assert len(info["steps"]) <= 2 and info["pool"] > 0
