@@ -108,6 +108,17 @@ def test_a_float64_or_bfloat16_model_is_repaired_in_float32_and_returned_in_its_
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+def test_repair_inside_no_grad_gives_the_same_repair_and_inference_mode_is_refused(small):
+    model, x, y = small
+    plain = tp.repair(model, (x, y), method="ft", seed=0, epochs=1)
+    with torch.no_grad():
+        inside = tp.repair(model, (x, y), method="ft", seed=0, epochs=1)
+    assert all(torch.equal(a, b) for a, b in zip(plain.model.parameters(), inside.model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(plain.model.parameters(), model.parameters()))
+    with torch.inference_mode(), pytest.raises(ConfigError, match="inference_mode"):
+        tp.repair(model, (x, y), method="ft", seed=0, epochs=1)
+
+
 def test_a_model_returning_a_tuple_is_refused_with_the_wrapper_to_use(small):
     model, x, y = small
 

@@ -26,6 +26,9 @@ def repair(model: nn.Module, clean, method: str = "onp", seed: int = 0, device=N
     floating dtype is accepted, and the repaired copy comes back in the model's own.
     """
     defense_cls = defenses.get(method)
+    if torch.is_inference_mode_enabled():
+        raise ConfigError("repair was called inside torch.inference_mode(): every defense needs "
+                          "gradients (trigger reverses, masks, fine-tuning); call it outside")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     device = resolve_device(device) if device is not None else model_device(model)
@@ -46,7 +49,10 @@ def repair(model: nn.Module, clean, method: str = "onp", seed: int = 0, device=N
                         f"got {len(data)}")
     seed_everything(seed)
     defense = defense_cls(seed=seed, device=device, progress=progress, **options)
-    result = defense.repair(working, data)
+    # defenses switch gradients off where they do not need them; a caller's torch.no_grad()
+    # would otherwise silently cut the graphs of the reverses and the fine-tuning
+    with torch.enable_grad():
+        result = defense.repair(working, data)
     result.model = result.model.to(dtype).eval()
     return result
 

@@ -72,6 +72,7 @@ def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
 
 
+@torch.enable_grad()  # optimizes inputs: the caller's no_grad must not cut the graph
 def synthesize(model: nn.Module, num_classes: int, image_shape, per_class: int = 2, *,
                steps: int = 400, lr: float = 0.1, bn_weight: float = 1.0,
                tv_weight: float = 1e-3, l2_weight: float = 1e-5, jitter: int = 2,

@@ -214,6 +214,7 @@ def detect_working(norms: torch.Tensor, success: torch.Tensor,
     return detect_outlier(torch.where(working, norms, norms.max()), threshold)
 
 
+@torch.enable_grad()  # optimizes inputs: the caller's no_grad must not cut the graph
 def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y: torch.Tensor,
                              num_classes: int, *, layer: str | None = None, steps: int = 300,
                              lr: float = 0.1, cost: float = 0.02, seed: int = 0,

@@ -101,6 +101,7 @@ class ReversedTriggers:
                 "steps": self.steps, "evaluations": self.evaluations}
 
 
+@torch.enable_grad()  # optimizes inputs: the caller's no_grad must not cut the graph
 def reverse_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
                      steps: int = 300, lr: float = 0.1, init_cost: float = 1e-3, seed: int = 0,
                      progress: bool = False, device=None, cost_schedule: str = "adaptive",
