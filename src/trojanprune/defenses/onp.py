@@ -219,7 +219,7 @@ class Options:
         the 19 replayed repairs meet the target on 9 instead of 8 (the give-back step alone),
         mean DER 94.46 instead of 90.49 (stop 32); hence the default. End to end through the
         CLI on vgg_small BadNets seed 1 (the costliest refinement of the 19) the repair took
-        348 s on 2 threads: 1.91% ASR at -1.71 points (BENCHMARKS.md, "Stop 33").
+        347 s on 2 threads: 1.91% ASR at -1.71 points (BENCHMARKS.md, "Stop 33").
     refine_pool: the channels a refinement step tries: the trained policy's top
         ``refine_pool`` by prune probability and each probe signal column's top
         ``refine_pool`` (16), so a step costs at most (1 + signal columns) x 16 evaluations.
