@@ -39,7 +39,7 @@ from trojanprune.onp.probes import create_probe
 from trojanprune.runs import load_run
 from trojanprune.utils import seed_everything
 
-from refine_steps import defender_clean, outcome, record_arguments, step_masks
+from refine_steps import defender_clean, outcome, record_arguments, step_masks, test_evaluators
 
 RULES = [r for r in GIVE_BACK_RULES if r != "off"]
 
@@ -78,7 +78,8 @@ def main() -> None:
             keep, info = defense._give_back(chosen, measure, units)
             masks.append(keep)
             returns[rule] = info
-        acc, asr, base = test_metrics(run, torch.stack(masks), args.data_dir)
+        _, clean, triggered, target, base = test_evaluators(run, args.data_dir)
+        acc, asr = clean.accuracy(torch.stack(masks)), triggered.target_rate(torch.stack(masks), target)
         results = [outcome(record["before"], float(a), float(s), base) for a, s in zip(acc, asr)]
         cells = [f"{len(returns[r]['returned'])}, " + fmt(o) for r, o in zip(RULES, results[1:])]
         lines.append(f"| {name} | {recorded:.4f} / {replayed:.4f} | " + " | ".join(cells)
@@ -130,18 +131,6 @@ def replay(run, record: dict, cache: dict, data_dir, start: str = "choice"):
     probe = create_probe(o.probe, model, units, fit, held, o, seed=seed)
     measure = RewardTerms(o, MaskEvaluator(model, units, held.x, held.y), probe, units.total)
     return step_masks(record, units)[0 if start == "choice" else -1], measure, defense, units
-
-
-def test_metrics(run, masks: torch.Tensor, data_dir):
-    """Test accuracy and the true trigger's attack success rate of each keep mask, and the
-    unpruned model's test accuracy."""
-    model, attack = run.model.eval(), run.attack()
-    x, y = run.test_set(data_dir).tensors()
-    units = discover_units(model, x[:1])
-    clean = MaskEvaluator(model, units, x, y)
-    triggered = MaskEvaluator(model, units, attack.apply(x[y != attack.target]))
-    base = float(clean.accuracy(torch.ones(1, units.total))[0])
-    return clean.accuracy(masks), triggered.target_rate(masks, attack.target), base
 
 
 if __name__ == "__main__":

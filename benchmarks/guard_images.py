@@ -33,9 +33,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from scipy.stats import spearmanr
 
 from trojanprune import data
-from trojanprune.defenses.shappruning import shifted_views
+from trojanprune.defenses.shappruning import mean_kl, shifted_views
 from trojanprune.engine import MaskEvaluator, discover_units
 from trojanprune.reverse import synthesize
 from trojanprune.runs import load_run
@@ -82,34 +83,31 @@ def main() -> None:
     }
     masks = torch.ones(units.total + 1, units.total)
     masks[torch.arange(1, units.total + 1), torch.arange(units.total)] = 0  # row 0: unpruned
-    test = MaskEvaluator(model, units, x, y).accuracy(masks)
+    test_ev = MaskEvaluator(model, units, x, y)
+    guard_evs = {name: MaskEvaluator(model, units, gx, gy) for name, (gx, gy) in guards.items()}
+    test = test_ev.accuracy(masks)
     test_drop = 100 * (test[0] - test[1:])
     lines = [f"{args.run}: {units.total} channels, {args.images} test images, synthesis "
              f"{args.synth_per_class}/class in {synth_seconds:.0f} s (synthesized images classified "
              f"as their class: {100 * float((model(synth.x).argmax(-1) == synth.y).float().mean()):.1f}%)",
              "", "| guard set | images | signal | Spearman with test drop, all channels | "
                  "channels with test drop >= 0.5 |", "|---|---|---|---|---|"]
-    signals = {}
     costly = test_drop >= 0.5
     for name, (gx, gy) in guards.items():
-        ev = MaskEvaluator(model, units, gx, gy)
-        logits = ev.logits(masks)
+        logits = guard_evs[name].logits(masks)
         ref = F.log_softmax(logits[0], -1)
         kl = (ref.exp() * (ref - F.log_softmax(logits[1:], -1))).sum(-1).mean(-1)
         acc = (logits.argmax(-1) == gy).float().mean(-1)
         for sig, v in (("accuracy drop", 100 * (acc[0] - acc[1:])), ("mean KL", kl)):
-            signals[(name, sig)] = v
             lines.append(f"| {name} | {len(gx)} | {sig} | {spearman(v, test_drop):.3f} | "
                          f"{spearman(v[costly], test_drop[costly]):.3f} (n={int(costly.sum())}) |")
     for spec in args.sets:
         keep = units.keep_mask([channel_of(item) for item in spec.split(",")])[None].float()
-        t = MaskEvaluator(model, units, x, y).accuracy(torch.cat([torch.ones(1, units.total), keep]))
+        t = test_ev.accuracy(torch.cat([torch.ones(1, units.total), keep]))
         parts = [f"test drop {100 * float(t[0] - t[1]):.2f}"]
         for name, (gx, gy) in guards.items():
-            ev = MaskEvaluator(model, units, gx, gy)
-            lg = ev.logits(torch.cat([torch.ones(1, units.total), keep]))
-            ref = F.log_softmax(lg[0], -1)
-            kl = float((ref.exp() * (ref - F.log_softmax(lg[1], -1))).sum(-1).mean())
+            lg = guard_evs[name].logits(torch.cat([torch.ones(1, units.total), keep]))
+            kl = mean_kl(F.log_softmax(lg[0], -1), lg[1])
             acc = (lg.argmax(-1) == gy).float().mean(-1)
             parts.append(f"{name}: drop {100 * float(acc[0] - acc[1]):.2f}, KL {kl:.4f}")
         lines.append(f"\n{spec}: " + "; ".join(parts))
@@ -120,24 +118,10 @@ def main() -> None:
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-    def ranks(v):
-        order = torch.argsort(v.double(), stable=True)
-        r = torch.empty(len(v), dtype=torch.double)
-        r[order] = torch.arange(len(v), dtype=torch.double)
-        sv = v.double()[order]
-        i = 0
-        while i < len(v):  # ties share their mean rank
-            j = i
-            while j + 1 < len(v) and sv[j + 1] == sv[i]:
-                j += 1
-            r[order[i:j + 1]] = (i + j) / 2
-            i = j + 1
-        return r
-    if len(a) < 3:
+    """Spearman rank correlation (ties share their mean rank); NaN for a constant signal."""
+    if len(a) < 3 or bool((a == a[0]).all()) or bool((b == b[0]).all()):
         return float("nan")
-    ra, rb = ranks(a), ranks(b)
-    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+    return float(spearmanr(a.double().numpy(), b.double().numpy()).statistic)
 
 
 if __name__ == "__main__":

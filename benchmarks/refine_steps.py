@@ -46,14 +46,9 @@ def main() -> None:
         choice = record["details"]["choice"]
         steps = choice.get("refine", {}).get("steps", [])
         run = load_run(Path(args.zoo) / f"{args.dataset}-{Path(path).name.split('-seed')[0]}")
-        model, attack = run.model.eval(), run.attack()
-        x, y = run.test_set(args.data_dir).tensors()
-        units = discover_units(model, x[:1])
-        clean = MaskEvaluator(model, units, x, y)
-        triggered = MaskEvaluator(model, units, attack.apply(x[y != attack.target]))
+        units, clean, triggered, target, base = test_evaluators(run, args.data_dir)
         masks = step_masks(record, units)
-        base = float(clean.accuracy(torch.ones(1, units.total))[0])
-        acc, asr = clean.accuracy(masks), triggered.target_rate(masks, attack.target)
+        acc, asr = clean.accuracy(masks), triggered.target_rate(masks, target)
         if args.defender:
             defender_acc, defender_kl = defender_view(run, record, units, masks, train, args.data_dir)
         for k in range(len(steps) + 1):
@@ -110,6 +105,19 @@ def summarize(summary) -> list[str]:
         out.append(f"\n{label}: mean DER {sum(ders) / len(ders):.2f} over {len(ders)} repairs, "
                    f"target met on {sum(s[1][k]['met'] for s in summary)}")
     return out
+
+
+def test_evaluators(run, data_dir=None):
+    """The zoo model's units and its evaluators on the test split, which no defense sees: the
+    clean images, and the non-target ones with the true trigger; then the target class and the
+    unpruned model's test accuracy."""
+    model, attack = run.model.eval(), run.attack()
+    x, y = run.test_set(data_dir).tensors()
+    units = discover_units(model, x[:1])
+    clean = MaskEvaluator(model, units, x, y)
+    triggered = MaskEvaluator(model, units, attack.apply(x[y != attack.target]))
+    base = float(clean.accuracy(torch.ones(1, units.total))[0])
+    return units, clean, triggered, attack.target, base
 
 
 def step_masks(record: dict, units) -> torch.Tensor:
