@@ -198,9 +198,9 @@ class Options:
         images accuracy moves in 0.4-point steps).
     max_prune_fraction: the largest top-k pruning of the trained policy that is tried (0.1).
     refine_steps: after the final choice, at most this many greedy steps on the same reward
-        (ours; 6, the default since stop 33; 0 = off): each step tries pruning one more channel of a pool and
-        keeps the one that raises the reward most while the held-out accuracy (and, with
-        ``confirm_on_all``, the accuracy on all the clean images) stays within
+        (ours; 6, the default since stop 33; 0 = off): each step tries pruning one more
+        channel of a pool and keeps the one that raises the reward most while the held-out
+        accuracy (and, with ``confirm_on_all``, the accuracy on all the clean images) stays within
         ``acc_tolerance``; it stops when none does. Why: the agent's search is one sample of
         a noisy process; on the resnet20 BadNets model (seed 1) greedy steps on the
         pixel-trigger probe's reward reach 5.9% true ASR in three channels, the oracle's own
@@ -219,7 +219,10 @@ class Options:
         the 19 replayed repairs meet the target on 9 instead of 8 (the give-back step alone),
         mean DER 94.46 instead of 90.49 (stop 32); hence the default. End to end through the
         CLI on vgg_small BadNets seed 1 (the costliest refinement of the 19) the repair took
-        347 s on 2 threads: 1.91% ASR at -1.71 points (BENCHMARKS.md, "Stop 33").
+        347 s on 2 threads: 1.91% ASR at -1.71 points (BENCHMARKS.md, "Stop 33"). Its cost
+        stays: on the eight seed-0 grid cells it meets the target on 4, the give-back step
+        alone on 5 (vgg_small Blended and WaNet, already repaired, lose 1.2 and 2.5 more
+        test points).
     refine_pool: the channels a refinement step tries: the trained policy's top
         ``refine_pool`` by prune probability and each probe signal column's top
         ``refine_pool`` (16), so a step costs at most (1 + signal columns) x 16 evaluations.
