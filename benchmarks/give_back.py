@@ -79,7 +79,8 @@ def main() -> None:
             masks.append(keep)
             returns[rule] = info
         _, clean, triggered, target, base = test_evaluators(run, args.data_dir)
-        acc, asr = clean.accuracy(torch.stack(masks)), triggered.target_rate(torch.stack(masks), target)
+        stacked = torch.stack(masks)
+        acc, asr = clean.accuracy(stacked), triggered.target_rate(stacked, target)
         results = [outcome(record["before"], float(a), float(s), base) for a, s in zip(acc, asr)]
         cells = [f"{len(returns[r]['returned'])}, " + fmt(o) for r, o in zip(RULES, results[1:])]
         lines.append(f"| {name} | {recorded:.4f} / {replayed:.4f} | " + " | ".join(cells)
