@@ -361,6 +361,65 @@ def test_give_back_returns_channels_that_cost_accuracy_and_hold_no_backdoor():
         ONP(seed=0, give_back="all")
 
 
+def test_refine_focus_scores_only_the_suspect_classes_the_choice_answered():
+    """refine_focus="answered": after the final choice, the refinement and the give-back step
+    score only the suspects of the classes one of whose stand-ins the choice has at least
+    halved; nothing is restricted when the choice answered no suspect class or all of them."""
+    from trojanprune.defenses.onp import ONP, RewardTerms
+    from trojanprune.onp.probes import SuspectsProbe
+
+    class Part:  # a stand-in trigger that works as long as its channels are kept
+        def __init__(self, target, channels):
+            self.target, self.channels = target, channels
+
+        def score(self, masks):
+            return masks[:, self.channels].float().mean(1)
+
+    probe = object.__new__(SuspectsProbe)
+    probe.parts = [Part(0, [0, 1]), Part(1, [2, 3]), Part(0, [4, 5])]
+    probe.suspects = [("pixel", 0, None), ("pixel", 1, None), ("feature", 0, "layer")]
+    probe.weights = torch.full((3,), 1 / 3)
+    probe.combine = "trigger"
+
+    def keep_without(*pruned):
+        keep = torch.ones(6)
+        keep[list(pruned)] = 0
+        return keep
+
+    assert probe.answered(keep_without()) is None  # nothing answered
+    assert probe.answered(keep_without(0, 2)) is None  # both classes answered
+    assert probe.answered(keep_without(2, 4)) is None
+    view = probe.answered(keep_without(0))  # class 0's pixel stand-in halved, class 1 untouched
+    assert view.answered_classes == [0] and view.suspects == [probe.suspects[0], probe.suspects[2]]
+    assert view.lost_share == [0.5, 0.0, 0.0]
+    assert probe.answered(keep_without(0), share=0.6) is None
+    # the view scores the answered class's stand-ins alone; the probe keeps every suspect
+    masks = torch.stack([keep_without(0), keep_without(0, 1), keep_without(0, 1, 2, 3)])
+    assert torch.allclose(view.score(masks), torch.tensor([0.75, 0.5, 0.5]))
+    assert torch.allclose(probe.score(masks), torch.tensor([2.5 / 3, 2 / 3, 1 / 3]))
+    # suspect_combine="class": the answered class's strongest stand-in
+    probe.combine = "class"
+    assert torch.allclose(probe.answered(keep_without(0)).score(masks), torch.tensor([1.0, 1.0, 1.0]))
+    probe.combine = "trigger"
+
+    class Held:  # each pruned channel costs one point of held-out accuracy
+        def accuracy(self, keep):
+            return 0.9 - 0.01 * (keep < 0.5).float().sum(1)
+
+    defense = ONP(seed=0, refine_focus="answered")
+    terms = RewardTerms(defense.options, Held(), probe, 6)
+    focused, info = defense._focus(keep_without(0), probe, terms, Held(), 6)
+    assert focused is not terms and info["answered_classes"] == [0]
+    assert torch.allclose(focused(masks)["backdoor"], view.score(masks))
+    same, info = defense._focus(keep_without(), probe, terms, Held(), 6)
+    assert same is terms and info["answered_classes"] is None
+    # a probe without suspects (one reversed trigger) is never restricted
+    single, _ = defense._focus(keep_without(0), Part(0, [0, 1]), terms, Held(), 6)
+    assert single is terms
+    with pytest.raises(ConfigError, match="refine_focus must be one of all, answered"):
+        ONP(seed=0, refine_focus="some")
+
+
 def test_same_seed_same_pruning(backdoor_case):
     case = backdoor_case
     opts = dict(seed=3, episodes=16, episodes_per_update=8, reverse_steps=10, reverse_batch_size=4,

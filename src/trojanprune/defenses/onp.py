@@ -82,6 +82,8 @@ MIN_IMAGES = 50
 MIN_SPLIT_IMAGES = 10
 #: Options.give_back's rules
 GIVE_BACK_RULES = ("off", "score", "reward")
+#: Options.refine_focus's values
+REFINE_FOCUSES = ("all", "answered")
 
 
 @dataclass
@@ -247,6 +249,17 @@ class Options:
         held-out accuracy, which the held-out half overstates (the winner's curse, stop 30):
         the returns' own test gains are small and sometimes negative (vgg_small BadNets seed 1:
         three channels returned, test drop 1.61 -> 2.46 points while the ASR fell 34.6 -> 30.3%).
+    refine_focus: which suspects the refinement and the give-back step score (ours): "all"
+        (default: every suspect, as the agent's reward) or "answered" (the suspects of the
+        classes the final choice answered: one of the class's stand-in triggers lost at least
+        half of its unpruned score under the chosen pruning; every suspect when the choice
+        answered none or all of the suspect classes). Why: a backdoor is a shortcut a few
+        channels carry, so the class whose stand-in the agent's small pruning disabled is the
+        one it found; a false suspect's stand-in is a natural feature the same pruning hardly
+        moves, and chasing it spends accuracy. On vgg_small WaNet seed 0 the choice disabled
+        class 0's feature-space stand-in (1.00 -> 0.03) and left the pixel stand-ins of the
+        false suspects 1 and 9 at 0.96 and 0.95; the refinement then took them to 0.34 and
+        0.80 and the test drop from 1.55 to 4.09 points at the same ASR (BENCHMARKS.md, "Stop 34").
     """
 
     probe: str = "suspects"
@@ -295,6 +308,7 @@ class Options:
     refine_pool: int = 16
     confirm_on_all: bool = True
     give_back: str = "score"
+    refine_focus: str = "all"
 
     def __post_init__(self):
         from ..onp.agent import CONVS, ENCODERS
@@ -307,6 +321,8 @@ class Options:
         for name in ("confirm_on_all", "suspect_large_masks", "suspect_last_layer", "pixel_when_agreed"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.refine_focus not in REFINE_FOCUSES:
+            raise ConfigError(f"refine_focus must be one of {', '.join(REFINE_FOCUSES)}; got {self.refine_focus!r}")
         if self.give_back not in GIVE_BACK_RULES:
             raise ConfigError(f"give_back must be one of {', '.join(GIVE_BACK_RULES)}; got {self.give_back!r}")
         if self.suspect_combine not in SUSPECT_COMBINES:
@@ -449,14 +465,19 @@ class ONP(Defense):
         probs = prune_probabilities(policy, graphs)
         confirm = MaskEvaluator(model, units, clean.x, clean.y) if o.confirm_on_all else None
         chosen, choice = self._choose(probs, history, measure, base, units.total, confirm)
+        after_choice = measure
+        if o.refine_focus == "answered" and (o.refine_steps or o.give_back != "off"):
+            after_choice, choice["focus"] = self._focus(chosen, probe, measure, accuracy, units.total)
         if o.refine_steps:
-            chosen, choice["refine"] = self._refine(chosen, choice["reward"], probs, probe.signal(),
-                                                    measure, float(base["acc"][0]), confirm,
+            reward = (choice["reward"] if after_choice is measure
+                      else float(after_choice(chosen[None])["reward"][0]))
+            chosen, choice["refine"] = self._refine(chosen, reward, probs, probe.signal(),
+                                                    after_choice, float(base["acc"][0]), confirm,
                                                     choice.get("all_clean_acc_unpruned"), units,
                                                     held_accuracy=accuracy.accuracy)
         lap("final_choice")
         if o.give_back != "off":
-            chosen, choice["give_back"] = self._give_back(chosen, measure, units)
+            chosen, choice["give_back"] = self._give_back(chosen, after_choice, units)
             lap("give_back")
 
         # -- 8. prune for good ----------------------------------------------------------------
@@ -562,6 +583,23 @@ class ONP(Defense):
             choice.update({"all_clean_acc": all_acc, "all_clean_acc_unpruned": base_all,
                            "rejected_by_confirmation": rejected})
         return keeps[best], choice
+
+    def _focus(self, keep: torch.Tensor, probe, measure: "RewardTerms", accuracy: MaskEvaluator,
+               total: int) -> tuple["RewardTerms", dict]:
+        """The reward terms that the steps after the final choice use (Options.refine_focus;
+        ours): the probe restricted to the suspect classes the chosen pruning ``keep`` answered,
+        or ``measure`` itself when the probe has no suspects to restrict or the choice answered
+        none or all of them."""
+        view = probe.answered(keep.float().cpu()) if hasattr(probe, "answered") else None
+        if view is None:
+            return measure, {"answered_classes": None,
+                             "rule": "every suspect (the choice answered none or all of the suspect "
+                                     "classes, or the probe has no suspects)"}
+        return RewardTerms(self.options, accuracy, view, total), {
+            "answered_classes": view.answered_classes, "lost_share": view.lost_share,
+            "suspects": [list(s) for s in view.suspects],
+            "rule": "the suspects of the classes one of whose stand-in triggers lost at least "
+                    "half of its unpruned score under the choice"}
 
     def _refine(self, keep: torch.Tensor, reward: float, probs: torch.Tensor, signal: torch.Tensor,
                 measure, base_acc: float, confirm: MaskEvaluator | None, base_all_acc: float | None,

@@ -72,6 +72,7 @@ accepts ``probe="<name>"``.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar
 
 import torch
@@ -89,6 +90,10 @@ from .graphs import channel_activations
 SUSPECT_WEIGHTS = ("equal", "anomaly")
 #: how the ``suspects`` probe groups its suspects (Options.suspect_combine)
 SUSPECT_COMBINES = ("trigger", "class")
+#: SuspectsProbe.answered: a suspect class is answered by a pruning when one of its stand-in
+#: triggers lost at least this share of its unpruned score under it (ours; see ONP's
+#: Options.refine_focus)
+ANSWERED_SHARE = 0.5
 
 PROBES: Registry = Registry("probe")
 
@@ -554,6 +559,36 @@ class SuspectsProbe(Probe):
         self.class_accuracy = acc
         return unrecognised(classes, acc, getattr(self.options, "large_mask_accuracy_ratio",
                                                   LARGE_MASK_ACCURACY_RATIO))
+
+    def answered(self, keep: torch.Tensor, share: float = ANSWERED_SHARE) -> "SuspectsProbe | None":
+        """This probe restricted to the suspect classes that the pruning ``keep`` (a keep mask)
+        has answered: a class is answered when one of its stand-in triggers lost at least
+        ``share`` of its unpruned score under ``keep`` (OUR design; ONP's
+        ``Options.refine_focus``). A backdoor is a shortcut that a few channels carry, so the
+        class whose stand-in a small pruning disables is the one the pruning found; a false
+        suspect's stand-in is a natural feature, which the same pruning hardly moves. None
+        when the pruning answered no suspect class or all of them (nothing to restrict).
+        The view shares the parts' evaluators, so its evaluations count in this probe's."""
+        masks = torch.stack([torch.ones_like(keep), keep]).float()
+        scores = torch.stack([p.score(masks).float().cpu() for p in self.parts])  # (parts, 2)
+        unpruned, pruned = scores[:, 0], scores[:, 1]
+        lost = torch.where(unpruned > 0, (unpruned - pruned) / unpruned.clamp_min(1e-12),
+                           torch.zeros_like(unpruned))
+        classes = [p.target for p in self.parts]
+        chosen = sorted({c for c, share_lost in zip(classes, lost.tolist()) if share_lost >= share})
+        if not chosen or len(chosen) == len(set(classes)):
+            return None
+        kept = [i for i, c in enumerate(classes) if c in chosen]
+        view = copy.copy(self)
+        view.parts = [self.parts[i] for i in kept]
+        view.suspects = [self.suspects[i] for i in kept]
+        view.weights = self.weights[kept] / self.weights[kept].sum()
+        targets = torch.tensor([classes[i] for i in kept])
+        view._class_groups = [(targets == c, float(view.weights[targets == c].sum()))
+                              for c in targets.unique()]
+        view.answered_classes = chosen
+        view.lost_share = [round(float(v), 4) for v in lost]
+        return view
 
     def _strongest(self, probes: list[Probe], columns: int) -> torch.Tensor:
         if not probes:
