@@ -362,9 +362,9 @@ def test_give_back_returns_channels_that_cost_accuracy_and_hold_no_backdoor():
 
 
 def test_refine_focus_scores_only_the_suspect_classes_the_choice_answered():
-    """refine_focus="answered": after the final choice, the refinement and the give-back step
-    score only the suspects of the classes one of whose stand-ins the choice has at least
-    halved; nothing is restricted when the choice answered no suspect class or all of them."""
+    """refine_focus="answered": after the final choice, the refinement scores only the suspects
+    of the classes one of whose stand-ins the choice has at least halved; nothing is restricted
+    when the choice answered no suspect class or all of them."""
     from trojanprune.defenses.onp import ONP, RewardTerms
     from trojanprune.onp.probes import SuspectsProbe
 
@@ -729,10 +729,13 @@ def test_unlearn_probe_runs_through_the_defense(backdoor_case):
 
 def test_encoders_convs_and_edge_rules(backdoor_case):
     case = backdoor_case
-    for extra in ({"encoder": "mlp"}, {"conv": "gat"}, {"edge_rule": "neighbours", "gnn_layers": 3}):
+    for extra in ({"encoder": "mlp"}, {"conv": "gat"}, {"edge_rule": "neighbours", "gnn_layers": 3},
+                  {"refine_focus": "answered"}):
         r = tp.repair(case.model, case.clean, method="onp", **CHEAP, **extra)
         assert len(r.details["episodes"]["reward"]) == 8, extra
         assert r.options[next(iter(extra))] == next(iter(extra.values()))
+    # the cheap probe has no suspects to restrict: the refinement scores as the agent's reward
+    assert r.details["choice"]["refine_focus"]["answered_classes"] is None
 
 
 # -- bad input -----------------------------------------------------------------------------------

@@ -465,19 +465,19 @@ class ONP(Defense):
         probs = prune_probabilities(policy, graphs)
         confirm = MaskEvaluator(model, units, clean.x, clean.y) if o.confirm_on_all else None
         chosen, choice = self._choose(probs, history, measure, base, units.total, confirm)
-        after_choice = measure
-        if o.refine_focus == "answered" and (o.refine_steps or o.give_back != "off"):
-            after_choice, choice["focus"] = self._focus(chosen, probe, measure, accuracy, units.total)
         if o.refine_steps:
-            reward = (choice["reward"] if after_choice is measure
-                      else float(after_choice(chosen[None])["reward"][0]))
+            focused = measure
+            if o.refine_focus == "answered":
+                focused, choice["refine_focus"] = self._focus(chosen, probe, measure, accuracy, units.total)
+            reward = (choice["reward"] if focused is measure
+                      else float(focused(chosen[None])["reward"][0]))
             chosen, choice["refine"] = self._refine(chosen, reward, probs, probe.signal(),
-                                                    after_choice, float(base["acc"][0]), confirm,
+                                                    focused, float(base["acc"][0]), confirm,
                                                     choice.get("all_clean_acc_unpruned"), units,
                                                     held_accuracy=accuracy.accuracy)
         lap("final_choice")
-        if o.give_back != "off":
-            chosen, choice["give_back"] = self._give_back(chosen, after_choice, units)
+        if o.give_back != "off":  # on every suspect: the returns must not revive any stand-in
+            chosen, choice["give_back"] = self._give_back(chosen, measure, units)
             lap("give_back")
 
         # -- 8. prune for good ----------------------------------------------------------------
@@ -586,10 +586,10 @@ class ONP(Defense):
 
     def _focus(self, keep: torch.Tensor, probe, measure: "RewardTerms", accuracy: MaskEvaluator,
                total: int) -> tuple["RewardTerms", dict]:
-        """The reward terms that the steps after the final choice use (Options.refine_focus;
-        ours): the probe restricted to the suspect classes the chosen pruning ``keep`` answered,
-        or ``measure`` itself when the probe has no suspects to restrict or the choice answered
-        none or all of them."""
+        """The reward terms that the refinement uses (Options.refine_focus; ours): the probe
+        restricted to the suspect classes the chosen pruning ``keep`` answered, or ``measure``
+        itself when the probe has no suspects to restrict or the choice answered none or all
+        of them."""
         view = probe.answered(keep.float().cpu()) if hasattr(probe, "answered") else None
         if view is None:
             return measure, {"answered_classes": None,
