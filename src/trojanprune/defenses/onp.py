@@ -48,7 +48,8 @@ Ours (the paper does not publish them):
   model's, and (``confirm_on_all``) whose accuracy on all the clean images is too (the
   unpruned model itself when none is); then (``refine_steps=6``, the default; 0 = off) greedy
   steps on the same reward, each pruning one more channel of a pool (the policy's and the
-  probe signals' top channels) within the same guards; then (``give_back="score"``, the
+  probe signals' top channels) within the same guards, the backdoor score counting only the
+  suspect classes the choice answered (``refine_focus="answered"``, the default); then (``give_back="score"``, the
   default) pruned channels are returned one at a time while a return raises the reward
   without raising the backdoor score; applied with the engine's ``apply_masks_permanently``.
 
@@ -224,7 +225,8 @@ class Options:
         347 s on 2 threads: 1.91% ASR at -1.71 points (BENCHMARKS.md, "Stop 33"). Its cost
         stays: on the eight seed-0 grid cells it meets the target on 4, the give-back step
         alone on 5 (vgg_small Blended and WaNet, already repaired, lose 1.2 and 2.5 more
-        test points).
+        test points). With the refinement scoring only the answered suspects
+        (``refine_focus``, stop 34), the replay of those cells meets it on 5.
     refine_pool: the channels a refinement step tries: the trained policy's top
         ``refine_pool`` by prune probability and each probe signal column's top
         ``refine_pool`` (16), so a step costs at most (1 + signal columns) x 16 evaluations.
@@ -249,17 +251,23 @@ class Options:
         held-out accuracy, which the held-out half overstates (the winner's curse, stop 30):
         the returns' own test gains are small and sometimes negative (vgg_small BadNets seed 1:
         three channels returned, test drop 1.61 -> 2.46 points while the ASR fell 34.6 -> 30.3%).
-    refine_focus: which suspects the refinement and the give-back step score (ours): "all"
-        (default: every suspect, as the agent's reward) or "answered" (the suspects of the
-        classes the final choice answered: one of the class's stand-in triggers lost at least
-        half of its unpruned score under the chosen pruning; every suspect when the choice
-        answered none or all of the suspect classes). Why: a backdoor is a shortcut a few
-        channels carry, so the class whose stand-in the agent's small pruning disabled is the
-        one it found; a false suspect's stand-in is a natural feature the same pruning hardly
-        moves, and chasing it spends accuracy. On vgg_small WaNet seed 0 the choice disabled
-        class 0's feature-space stand-in (1.00 -> 0.03) and left the pixel stand-ins of the
-        false suspects 1 and 9 at 0.96 and 0.95; the refinement then took them to 0.34 and
-        0.80 and the test drop from 1.55 to 4.09 points at the same ASR (BENCHMARKS.md, "Stop 34").
+    refine_focus: which suspects the refinement's backdoor score counts (ours): "answered"
+        (default since stop 34: the suspects of the classes the final choice answered, i.e.
+        one of the class's stand-in triggers lost at least half of its unpruned score under
+        the chosen pruning; every suspect when the choice answered none or all of the suspect
+        classes) or "all" (every suspect, as the agent's reward). The give-back step always
+        counts every suspect, so a return never revives any stand-in. Why: a backdoor is a
+        shortcut a few channels carry, so the class whose stand-in the agent's small pruning
+        disabled is the one it found; a false suspect's stand-in is a natural feature the same
+        pruning hardly moves, and chasing it spends accuracy. On vgg_small WaNet seed 0 the
+        choice disabled class 0's feature-space stand-in (1.00 -> 0.03) and left the pixel
+        stand-ins of the false suspects 1 and 9 at 0.96 and 0.95; the refinement on every
+        suspect took them to 0.34 and 0.80 and the test drop from 1.55 to 4.09 points at the
+        same ASR; on the answered class alone, 2.60. Replayed from the agent's choices of the
+        same 19 zoo repairs as stop 32, by a rule committed before the replay: issue 5's target
+        met on 11 instead of 9, mean DER 94.56 instead of 94.46 (vgg_small Blended seed 0 and
+        SIG seed 1 newly met; Blended seed 2, not met either way, 5.74% -> 9.01% ASR)
+        (BENCHMARKS.md, "Stop 34").
     """
 
     probe: str = "suspects"
@@ -308,7 +316,7 @@ class Options:
     refine_pool: int = 16
     confirm_on_all: bool = True
     give_back: str = "score"
-    refine_focus: str = "all"
+    refine_focus: str = "answered"
 
     def __post_init__(self):
         from ..onp.agent import CONVS, ENCODERS
