@@ -49,9 +49,10 @@ Ours (the paper does not publish them):
   unpruned model itself when none is); then (``refine_steps=6``, the default; 0 = off) greedy
   steps on the same reward, each pruning one more channel of a pool (the policy's and the
   probe signals' top channels) within the same guards, the backdoor score counting only the
-  suspect classes the choice answered (``refine_focus="answered"``, the default); then (``give_back="score"``, the
-  default) pruned channels are returned one at a time while a return raises the reward
-  without raising the backdoor score; applied with the engine's ``apply_masks_permanently``.
+  suspect classes the choice answered (``refine_focus="answered"``, the default); then
+  (``give_back="score"``, the default) pruned channels are returned one at a time while a
+  return raises the reward without raising the backdoor score (every suspect counted);
+  applied with the engine's ``apply_masks_permanently``.
 
 Every choice is made on the defender's clean data; the true trigger is never used.
 """
