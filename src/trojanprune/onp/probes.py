@@ -528,10 +528,7 @@ class SuspectsProbe(Probe):
         weights = torch.tensor(evidence if by_index else [1.0] * len(self.parts))
         self.weights = weights / weights.sum()
         self.combine = getattr(options, "suspect_combine", SUSPECT_COMBINES[0])
-        # "class": each suspect class's parts and their summed weight, fixed once here
-        classes = torch.tensor([p.target for p in self.parts])
-        self._class_groups = [(classes == c, float(self.weights[classes == c].sum()))
-                              for c in classes.unique()]
+        self._group_by_class()
         # Reported target (informative; the score uses every suspect): the class both spaces
         # flag, or the only suspect class; None when the suspects are different classes.
         # Large-mask suspects are weaker evidence (a naturally hard class is one too), so they
@@ -583,12 +580,17 @@ class SuspectsProbe(Probe):
         view.parts = [self.parts[i] for i in kept]
         view.suspects = [self.suspects[i] for i in kept]
         view.weights = self.weights[kept] / self.weights[kept].sum()
-        targets = torch.tensor([classes[i] for i in kept])
-        view._class_groups = [(targets == c, float(view.weights[targets == c].sum()))
-                              for c in targets.unique()]
+        view._group_by_class()
         view.answered_classes = chosen
         view.lost_share = [round(float(v), 4) for v in lost]
         return view
+
+    def _group_by_class(self) -> None:
+        """For ``suspect_combine="class"``: each suspect class's parts (a boolean index over
+        :attr:`parts`) and their summed weight, fixed once from the parts and weights."""
+        classes = torch.tensor([p.target for p in self.parts])
+        self._class_groups = [(classes == c, float(self.weights[classes == c].sum()))
+                              for c in classes.unique()]
 
     def _strongest(self, probes: list[Probe], columns: int) -> torch.Tensor:
         if not probes:
