@@ -78,6 +78,14 @@ def repair_row(name: str, mode: str, model, clean, test, attack, before, options
           flush=True)
     if "data" in d and d["data"].get("mode") == "data-free":
         print(f"    synthesized: {d['data']}", flush=True)
+    if d.get("mitigation", {}).get("pruned_after_recheck"):
+        # recheck=0 would have stopped after the first walk (same seeds, same channels): the
+        # model it would have returned, judged the same way
+        first = result.pruned[:d["mitigation"]["pruned"]]
+        units = discover_units(model, test[0][0].unsqueeze(0).to(next(model.parameters()).device))
+        alone = metrics.evaluate(apply_masks_permanently(model, units, first).cpu(), test, attack)
+        print(f"    without the recheck ({len(first)} channels): {fmt_metrics(alone)}, DER "
+              f"{der(before, alone):.2f}; recheck: {d['recheck']}", flush=True)
     return row, result
 
 

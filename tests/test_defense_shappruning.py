@@ -362,3 +362,63 @@ def test_kl_guard_is_off_by_default_and_vetoes_what_moves_the_predictions(backdo
     loose = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, kl_tolerance=100, **cheap)
     plain = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, **cheap)
     assert loose.pruned == plain.pruned and loose.pruned
+
+
+
+
+def test_recheck_prunes_on_while_the_reversed_target_is_still_an_outlier(
+        backdoor_case, few, monkeypatch):
+    """Where the walk stops with the backdoor still working and the second reverse finds it,
+    the recheck plays a new game on the pruned model and prunes on. On this fixture a real
+    reverse does not find what one channel leaves (the next test), so the attacker's own patch
+    stands in for the second reverse: a small mask (an outlier among the other classes') that
+    still flips some of the few images. The first walk's channels stay, the new ones come
+    within the budget, and the real trigger works on fewer test images than without."""
+    from trojanprune.defenses.shappruning import ShapPruning
+    from trojanprune.reverse import ReversedTriggers
+
+    x = few.tensors()[0]
+    stamped = backdoor_case.attack.apply(x)
+    mask = (stamped != x).any(0).any(0, keepdim=True).float()  # (1, H, W) where it writes
+    pattern = (stamped * mask).amax(0)
+    reverse = ShapPruning._pixel_reverse
+
+    def second_reverse_finds_the_patch(self, model, x, y, k, seed_name, classes=None):
+        if not seed_name.startswith("recheck"):
+            return reverse(self, model, x, y, k, seed_name, classes)
+        n = len(classes)
+        return ReversedTriggers(masks=mask.expand(n, -1, -1, -1).clone(),
+                                patterns=pattern.expand(n, -1, -1, -1).clone(),
+                                mask_norms=torch.full((n,), float(mask.sum())),
+                                attack_success=torch.ones(n), anomaly_index=torch.zeros(n),
+                                target=None, evaluations=1)
+
+    monkeypatch.setattr(ShapPruning, "_pixel_reverse", second_reverse_finds_the_patch)
+    early = dict(FAST, stop_lift=100.0)  # stop once the reversed triggers flip no image
+    off = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, **early)
+    on = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, recheck=1, **early)
+    assert off.details["mitigation"]["trigger_stopped"] and "recheck" not in off.details
+    first = on.details["recheck"][0]
+    assert first["pruned_before"] == len(off.pruned)
+    assert first["survives"] and first["anomaly_index"] > 2, first
+    assert on.pruned[:len(off.pruned)] == off.pruned and len(on.pruned) > len(off.pruned)
+    assert len(on.pruned) <= off.details["mitigation"]["budget_channels"]
+    assert on.details["mitigation"]["pruned_after_recheck"] == len(on.pruned)
+    assert "recheck" in on.details["seconds"] and on.evaluations > off.evaluations
+    asr = {name: metrics.evaluate(r.model, backdoor_case.test, backdoor_case.attack)["asr"]
+           for name, r in (("off", off), ("on", on))}
+    assert asr["on"] < asr["off"] - 5, (asr, on.details["recheck"])
+    with pytest.raises(ConfigError, match="recheck"):
+        tp.repair(backdoor_case.model, few, method="shappruning", recheck=-1)
+
+def test_recheck_stops_where_the_reversed_target_is_no_longer_an_outlier(backdoor_case, few):
+    """The other side, as the fixture shows it: after the default walk's channel the real
+    trigger still works on ~20% of the test images, but no reversed trigger that flips 90% of
+    the few images is small any more, so the recheck prunes nothing and says why."""
+    early = dict(FAST, stop_lift=100.0)
+    off = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, **early)
+    on = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, recheck=1, **early)
+    first = on.details["recheck"][0]
+    assert not first["survives"] and first["anomaly_index"] <= 2, first
+    assert on.pruned == off.pruned and "pruned_after_recheck" not in on.details["mitigation"]
+    assert "no longer an outlier" in on.details["mitigation"]["reason"]

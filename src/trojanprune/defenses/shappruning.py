@@ -61,7 +61,9 @@ What is OUR reconstruction (the paper does not publish these details):
    flipping images while the real trigger still works on a sizeable share (on our MNIST test
    model: ~20-30% ASR left); requiring it to close less than half of the gap leaves ~2-6%.
    When the trigger still works at the end, ``details["mitigation"]["reason"]`` says why
-   (budget, candidates, guard vetoes).
+   (budget, candidates, guard vetoes). OURS, optional (``recheck``): where the walk stopped with
+   budget left, the target's trigger is reversed again on the pruned model, and while it is
+   still an outlier, a new game and walk use the rest of the budget.
 
 All choices are made on the defender's images (or synthesized ones) and the reversed trigger;
 the true trigger and the test set are never seen.
@@ -83,7 +85,7 @@ from ..engine import MaskEvaluator, apply_masks_permanently, discover_units, tar
 from ..engine.inputs import parse_input_shape, probe_input
 from ..errors import ConfigError, DataError, TrojanPruneError
 from ..metrics import class_accuracies, predict
-from ..reverse import (LARGE_MASK_ACCURACY_RATIO, FeatureTriggers, high_side_outliers,
+from ..reverse import (LARGE_MASK_ACCURACY_RATIO, FeatureTriggers, anomaly_index, high_side_outliers,
                        reverse_feature_triggers, reverse_triggers, synthesize, unrecognised)
 from ..reverse.feature import default_layer
 from ..shapley import GREEDY_RANKS, estimate_shapley
@@ -228,6 +230,18 @@ class Options:
             Data-free (shifted synthesized images), it vetoed 12 of 14 candidates on the MNIST
             test model. Use it when accuracy comes first, with a value measured on a model like
             yours (the benchmark's walk mode shows the KL of each step; BENCHMARKS.md, "Stop 26").
+        recheck: rounds of a second look after the walk (0 = off, the paper's single walk;
+            ours). Where the walk stopped because the reversed triggers no longer work, with
+            budget left and a target Neural Cleanse flagged as a small-mask outlier, the target's
+            trigger is reversed again (``trigger_pool`` starts) on the pruned model. If its
+            smallest working mask is still a low-side outlier among the detection's masks of the
+            other classes, the backdoor survives the pruning: a new game on the pruned model,
+            played on the new triggers, and a new walk within the rest of the budget, under the
+            same clean guard (measured against the unpruned model). Why: Neural Cleanse's trigger
+            is the smallest that works, weaker than the attacker's, so it can stop working first.
+            What it cannot see: a backdoor weakened below flipping 90% of the few images (on the
+            MNIST test model one channel leaves 21% ASR, and the second reverse's mask is no
+            outlier). ``details["recheck"]`` has each round's masks, index and walk.
     """
 
     synth_per_class: int = 2
@@ -263,6 +277,7 @@ class Options:
     acc_tolerance: float = 0.1
     margin_tolerance: float = 0.2
     kl_tolerance: float | None = None
+    recheck: int = 0
 
     def __post_init__(self):
         if not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1:
@@ -284,6 +299,8 @@ class Options:
         if self.cost_schedule not in ("adaptive", "fixed"):
             raise ConfigError(f"cost_schedule must be 'adaptive' or 'fixed', got {self.cost_schedule!r}")
         _discard(self.discard_threshold)
+        if isinstance(self.recheck, bool) or not isinstance(self.recheck, int) or self.recheck < 0:
+            raise ConfigError(f"recheck must be an integer >= 0 (0: off), got {self.recheck!r}")
         for name in ("synth_per_class", "synth_steps", "reverse_steps", "permutations"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)!r}")
@@ -469,6 +486,21 @@ class ShapPruning(Defense):
                                + plain.evaluations + (fidelity.evaluations if fidelity else 0))
         seconds["mitigation"] = time.perf_counter() - start
         details["mitigation"] = mitigation
+        if o.recheck and not isinstance(rev, FeatureTriggers):
+            start = time.perf_counter()
+            evaluators = (plain, guard) + ((fidelity,) if fidelity else ())
+            before = sum(e.evaluations for e in evaluators)
+            first = len(chosen)
+            chosen, rounds, spent = self._recheck(model, units, x, y, k, rev, chosen, mitigation,
+                                                  budget, top_k, (plain, guard, fidelity))
+            evals["recheck"] = spent + sum(e.evaluations for e in evaluators) - before
+            seconds["recheck"] = time.perf_counter() - start
+            details["recheck"] = rounds
+            if rounds and "reason" in rounds[-1]:
+                mitigation["reason"] += "; recheck: " + rounds[-1]["reason"]
+            if len(chosen) > first:
+                mitigation = rounds[-1]["mitigation"]
+                details["mitigation"]["pruned_after_recheck"] = len(chosen)
         if mitigation.get("budget_ran_out"):  # what a Python caller would otherwise not see
             warnings.warn(f"ShapPruning: {mitigation['reason']}. The backdoor may survive; the "
                           f"option budget ({o.budget} of the {all_units.total} prunable channels) "
@@ -477,6 +509,76 @@ class ShapPruning(Defense):
         result.model = apply_masks_permanently(model, units, result.pruned) if chosen else model
         result.target = target if rev.target is not None else None
         return self._finish(result, evals, seconds)
+
+    def _recheck(self, model, units, x, y, k: int, rev, chosen: list[int], mitigation: dict,
+                 budget: int, top_k: int, evaluators) -> tuple[list[int], list[dict], int]:
+        """``recheck`` (ours): after a walk that stopped because the reversed triggers no longer
+        work, reverse the target's trigger again on the pruned model. If the target still admits
+        a trigger whose mask is a low-side outlier among the detection's masks of the other
+        classes, the backdoor survives: a new game on the pruned model, with the new triggers,
+        and a new walk within what is left of the budget. Returns (all channels chosen, one
+        record per round, model evaluations of the reverses and games).
+
+        Only where the detection flagged the target on the low side (a pixel trigger): a
+        clean-label target's mask is large by nature, and a forced target was never an outlier.
+        """
+        o = self.options
+        plain, guard, fidelity = evaluators
+        target = rev.target
+        rounds: list[dict] = []
+        spent = 0
+        if target is None or target not in rev.flagged:
+            return chosen, [{"skipped": "the target was not flagged as a small-mask outlier"}], 0
+        victims = x[y != target]
+        while (len(rounds) < o.recheck and mitigation.get("trigger_stopped")
+               and len(chosen) < budget):
+            record: dict = {"pruned_before": len(chosen)}
+            rounds.append(record)
+            pruned = apply_masks_permanently(model, units, [units.unit_of(i) for i in chosen])
+            again = self._pixel_reverse(pruned, x, y, k, f"recheck {len(rounds)}",
+                                        classes=[target] * o.trigger_pool)
+            spent += again.evaluations
+            works = again.attack_success >= o.success_threshold - 1e-9
+            record.update(mask_norms=[round(float(v), 3) for v in again.mask_norms],
+                          attack_success=[round(float(v), 4) for v in again.attack_success])
+            if not bool(works.any()):
+                record["survives"] = False
+                record["reason"] = "no reversed trigger of the target works on the pruned model"
+                break
+            norms = rev.mask_norms.clone().float()
+            norms[target] = float(again.mask_norms[works].min())
+            index = float(anomaly_index(norms)[target])
+            survives = bool(norms[target] < norms.median()) and index > rev.threshold
+            record.update(anomaly_index=round(index, 3), survives=survives)
+            if not survives:
+                record["reason"] = (f"the target's smallest working mask ({float(norms[target]):.2f}) "
+                                    f"is no longer an outlier (index {index:.2f} <= {rev.threshold})")
+                break
+            stamped = torch.cat([again.apply(victims, i) for i in range(len(again.masks))])
+            trig = MaskEvaluator(model, units, stamped)
+            game = backdoor_value_fn(trig, target, o.value)
+
+            def value_fn(keep: torch.Tensor, game=game, gone=list(chosen)) -> torch.Tensor:
+                keep = keep.clone()
+                keep[:, gone] = 0  # the channels already pruned stay pruned in every coalition
+                return game(keep)
+
+            est = estimate_shapley(
+                value_fn, units.total, permutations=o.permutations,
+                truncation_tol=o.truncation_tol, discard=_discard(o.discard_threshold),
+                epsilon=o.epsilon if o.greedy else None, top_k=top_k, warmup=o.warmup, z=o.z,
+                greedy_rank=o.greedy_rank, seed=derive_seed(self.seed, f"recheck {len(rounds)}"),
+                progress=self.progress)
+            candidates = [int(i) for i in est.ranking()[:top_k]
+                          if float(est.values[i]) > 0 and int(i) not in chosen]
+            more, mitigation = _mitigate(candidates, units.total, trig, plain, guard, fidelity,
+                                         target, budget - len(chosen), o, pruned_before=chosen)
+            spent += trig.evaluations
+            record.update(shapley_evaluations=est.evaluations, mitigation=mitigation,
+                          pruned=[list(units.unit_of(i)) for i in more],
+                          reason=f"round {len(rounds)}: {mitigation['reason']}")
+            chosen = chosen + more
+        return chosen, rounds, spent
 
     def _pixel_reverse(self, model, x, y, k: int, seed_name: str, classes=None):
         """Neural Cleanse's reverse with this repair's options (every class, or ``classes``)."""
@@ -615,8 +717,12 @@ def mean_kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
 
 def _mitigate(candidates: list[int], total: int, trig: MaskEvaluator, plain: MaskEvaluator,
               guard: MaskEvaluator, fidelity: MaskEvaluator | None, target: int, budget: int,
-              o: Options):
+              o: Options, pruned_before: list[int] = ()):
     """Walk down the Shapley ranking (see the module docstring, stage 5).
+
+    ``pruned_before``: channels already pruned by an earlier walk (``recheck``), pruned in every
+    measurement; the clean guard still compares with the unpruned model, so the losses of the
+    rounds add up against one tolerance. ``budget`` counts this walk's channels only.
 
     Each step tries the chosen channels plus the next candidate: it is skipped if it breaks the
     clean guard (accuracy on the few images drops by more than ``acc_tolerance``, their mean
@@ -629,18 +735,24 @@ def _mitigate(candidates: list[int], total: int, trig: MaskEvaluator, plain: Mas
     reference = (F.log_softmax(fidelity.logits(torch.ones(1, total))[0], -1)
                  if fidelity is not None else None)
 
-    def measure(dropped: list[int]) -> dict:
-        mask = torch.ones(1, total)
-        mask[0, dropped] = 0
-        lt, lp, lg = trig.logits(mask)[0], plain.logits(mask)[0], guard.logits(mask)[0]
-        mt, mp = target_margin(lt, target).mean(), target_margin(lp, target).mean()
+    before = list(pruned_before)
+
+    def clean_stats(mask: torch.Tensor) -> dict:
+        lg = guard.logits(mask)[0]
         own = lg.gather(-1, labels.view(-1, 1)).squeeze(-1)
         rest = lg.scatter(-1, labels.view(-1, 1), float("-inf")).amax(-1)
+        return {"clean_acc": float((lg.argmax(-1) == labels).float().mean()),
+                "clean_margin": float((own - rest).mean())}
+
+    def measure(dropped: list[int]) -> dict:
+        mask = torch.ones(1, total)
+        mask[0, before + dropped] = 0
+        lt, lp = trig.logits(mask)[0], plain.logits(mask)[0]
+        mt, mp = target_margin(lt, target).mean(), target_margin(lp, target).mean()
         out = {"trigger_rate": float((lt.argmax(-1) == target).float().mean()),
                # fraction of the clean images' distance to the target that the trigger closes
                "trigger_lift": float((mt - mp) / (-mp).clamp_min(1e-6)),
-               "clean_acc": float((lg.argmax(-1) == labels).float().mean()),
-               "clean_margin": float((own - rest).mean())}
+               **clean_stats(mask)}
         if fidelity is not None:
             out["clean_kl"] = mean_kl(reference, fidelity.logits(mask)[0])
         return out
@@ -649,6 +761,7 @@ def _mitigate(candidates: list[int], total: int, trig: MaskEvaluator, plain: Mas
         return m["trigger_rate"] > o.stop_rate + 1e-9 or m["trigger_lift"] > o.stop_lift + 1e-9
 
     base = measure([])
+    unpruned = clean_stats(torch.ones(1, total)) if before else base  # the guard's reference
     out = {"budget_channels": budget, "budget_fraction": o.budget, "candidates": len(candidates),
            "before": _rounded(base)}
     chosen: list[int] = []
@@ -663,9 +776,9 @@ def _mitigate(candidates: list[int], total: int, trig: MaskEvaluator, plain: Mas
         if len(chosen) >= budget:
             break
         m = measure(chosen + [unit])
-        acc_ok = m["clean_acc"] >= base["clean_acc"] - o.acc_tolerance - 1e-9
-        margin_ok = (base["clean_margin"] <= 0
-                     or m["clean_margin"] >= (1 - o.margin_tolerance) * base["clean_margin"])
+        acc_ok = m["clean_acc"] >= unpruned["clean_acc"] - o.acc_tolerance - 1e-9
+        margin_ok = (unpruned["clean_margin"] <= 0
+                     or m["clean_margin"] >= (1 - o.margin_tolerance) * unpruned["clean_margin"])
         kl_ok = fidelity is None or m["clean_kl"] <= o.kl_tolerance + 1e-9
         walk.append({"unit": unit, "kept": acc_ok and margin_ok and kl_ok, **_rounded(m)})
         if not (acc_ok and margin_ok and kl_ok):
