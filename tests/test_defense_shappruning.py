@@ -395,7 +395,7 @@ def test_recheck_prunes_on_while_the_reversed_target_is_still_an_outlier(
 
     monkeypatch.setattr(ShapPruning, "_pixel_reverse", second_reverse_finds_the_patch)
     early = dict(FAST, stop_lift=100.0)  # stop once the reversed triggers flip no image
-    off = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, **early)
+    off = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, recheck=0, **early)
     on = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, recheck=1, **early)
     assert off.details["mitigation"]["trigger_stopped"] and "recheck" not in off.details
     first = on.details["recheck"][0]
@@ -416,7 +416,7 @@ def test_recheck_stops_where_the_reversed_target_is_no_longer_an_outlier(backdoo
     trigger still works on ~20% of the test images, but no reversed trigger that flips 90% of
     the few images is small any more, so the recheck prunes nothing and says why."""
     early = dict(FAST, stop_lift=100.0)
-    off = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, **early)
+    off = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, recheck=0, **early)
     on = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, recheck=1, **early)
     first = on.details["recheck"][0]
     assert not first["survives"] and first["anomaly_index"] <= 2, first
