@@ -364,10 +364,18 @@ def test_kl_guard_is_off_by_default_and_vetoes_what_moves_the_predictions(backdo
     assert loose.pruned == plain.pruned and loose.pruned
 
 
+#: a walk that stops once the reversed triggers flip no image (the lift rule out of the way)
+EARLY_STOP = dict(FAST, stop_lift=100.0)
+
+
+@pytest.fixture(scope="module")
+def stopped_early(backdoor_case, few):
+    """The walk alone (``recheck=0``), stopped early: one channel on this fixture."""
+    return tp.repair(backdoor_case.model, few, method="shappruning", seed=0, recheck=0, **EARLY_STOP)
 
 
 def test_recheck_prunes_on_while_the_reversed_target_is_still_an_outlier(
-        backdoor_case, few, monkeypatch):
+        backdoor_case, few, stopped_early, monkeypatch):
     """Where the walk stops with the backdoor still working and the second reverse finds it,
     the recheck plays a new game on the pruned model and prunes on. On this fixture a real
     reverse does not find what one channel leaves (the next test), so the attacker's own patch
@@ -394,9 +402,8 @@ def test_recheck_prunes_on_while_the_reversed_target_is_still_an_outlier(
                                 target=None, evaluations=1)
 
     monkeypatch.setattr(ShapPruning, "_pixel_reverse", second_reverse_finds_the_patch)
-    early = dict(FAST, stop_lift=100.0)  # stop once the reversed triggers flip no image
-    off = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, recheck=0, **early)
-    on = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, recheck=1, **early)
+    off = stopped_early
+    on = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, recheck=1, **EARLY_STOP)
     assert off.details["mitigation"]["trigger_stopped"] and "recheck" not in off.details
     first = on.details["recheck"][0]
     assert first["pruned_before"] == len(off.pruned)
@@ -411,13 +418,14 @@ def test_recheck_prunes_on_while_the_reversed_target_is_still_an_outlier(
     with pytest.raises(ConfigError, match="recheck"):
         tp.repair(backdoor_case.model, few, method="shappruning", recheck=-1)
 
-def test_recheck_stops_where_the_reversed_target_is_no_longer_an_outlier(backdoor_case, few):
-    """The other side, as the fixture shows it: after the default walk's channel the real
+
+def test_recheck_stops_where_the_reversed_target_is_no_longer_an_outlier(backdoor_case, few,
+                                                                          stopped_early):
+    """The other side, as the fixture shows it: after the walk's one channel the real
     trigger still works on ~20% of the test images, but no reversed trigger that flips 90% of
     the few images is small any more, so the recheck prunes nothing and says why."""
-    early = dict(FAST, stop_lift=100.0)
-    off = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, recheck=0, **early)
-    on = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, recheck=1, **early)
+    off = stopped_early
+    on = tp.repair(backdoor_case.model, few, method="shappruning", seed=0, recheck=1, **EARLY_STOP)
     first = on.details["recheck"][0]
     assert not first["survives"] and first["anomaly_index"] <= 2, first
     assert on.pruned == off.pruned and "pruned_after_recheck" not in on.details["mitigation"]
