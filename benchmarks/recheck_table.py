@@ -72,6 +72,7 @@ def main():
         same = " (same)" if r["with"] == r["without"] else ""
         print(f"| {r['model'].removeprefix('cifar10-')} s{r['seed']} | {cells[0]} | {cells[1]}{same} |")
     print()
+    families["all"] = [row for rows in list(families.values()) for row in rows]
     for family, rows in families.items():
         for key in ("without", "with"):
             mine = [(d, met) for k, d, met in rows if k == key]
