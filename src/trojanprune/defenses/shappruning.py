@@ -462,12 +462,7 @@ class ShapPruning(Defense):
             trig = MaskEvaluator(model, units, stamped)
         start = time.perf_counter()  # after the pool's reverses, which have their own entry
         value_fn = backdoor_value_fn(trig, target, o.value)
-        est = estimate_shapley(
-            value_fn, units.total, permutations=o.permutations, truncation_tol=o.truncation_tol,
-            discard=_discard(o.discard_threshold), epsilon=o.epsilon if o.greedy else None,
-            top_k=top_k, warmup=o.warmup, z=o.z, greedy_rank=o.greedy_rank,
-            seed=derive_seed(self.seed, "shapley"),
-            progress=self.progress)
+        est = self._shapley(value_fn, units.total, top_k, "shapley")
         seconds["shapley"] = time.perf_counter() - start
         evals["shapley"] = trig.evaluations
         values = est.values.float()
@@ -570,12 +565,7 @@ class ShapPruning(Defense):
                 keep[:, gone] = 0  # the channels already pruned stay pruned in every coalition
                 return game(keep)
 
-            est = estimate_shapley(
-                value_fn, units.total, permutations=o.permutations,
-                truncation_tol=o.truncation_tol, discard=_discard(o.discard_threshold),
-                epsilon=o.epsilon if o.greedy else None, top_k=top_k, warmup=o.warmup, z=o.z,
-                greedy_rank=o.greedy_rank, seed=derive_seed(self.seed, f"recheck {len(rounds)}"),
-                progress=self.progress)
+            est = self._shapley(value_fn, units.total, top_k, f"recheck {len(rounds)}")
             candidates = [int(i) for i in est.ranking()[:top_k]
                           if float(est.values[i]) > 0 and int(i) not in chosen]
             more, mitigation = _mitigate(candidates, units.total, trig, plain, guard, fidelity,
@@ -586,6 +576,15 @@ class ShapPruning(Defense):
                           reason=f"round {len(rounds)}: {mitigation['reason']}")
             chosen = chosen + more
         return chosen, rounds, spent
+
+    def _shapley(self, value_fn, players: int, top_k: int, seed_name: str):
+        """Stage 4's estimate with this repair's options (the game and the recheck's games)."""
+        o = self.options
+        return estimate_shapley(
+            value_fn, players, permutations=o.permutations, truncation_tol=o.truncation_tol,
+            discard=_discard(o.discard_threshold), epsilon=o.epsilon if o.greedy else None,
+            top_k=top_k, warmup=o.warmup, z=o.z, greedy_rank=o.greedy_rank,
+            seed=derive_seed(self.seed, seed_name), progress=self.progress)
 
     def _pixel_reverse(self, model, x, y, k: int, seed_name: str, classes=None):
         """Neural Cleanse's reverse with this repair's options (every class, or ``classes``)."""
