@@ -85,7 +85,7 @@ from ..engine import MaskEvaluator, apply_masks_permanently, discover_units, tar
 from ..engine.inputs import parse_input_shape, probe_input
 from ..errors import ConfigError, DataError, TrojanPruneError
 from ..metrics import class_accuracies, predict
-from ..reverse import (LARGE_MASK_ACCURACY_RATIO, FeatureTriggers, anomaly_index, high_side_outliers,
+from ..reverse import (LARGE_MASK_ACCURACY_RATIO, FeatureTriggers, detect_outlier, high_side_outliers,
                        reverse_feature_triggers, reverse_triggers, synthesize, unrecognised)
 from ..reverse.feature import default_layer
 from ..shapley import GREEDY_RANKS, estimate_shapley
@@ -547,10 +547,11 @@ class ShapPruning(Defense):
                 record["survives"] = False
                 record["reason"] = "no reversed trigger of the target works on the pruned model"
                 break
-            norms = rev.mask_norms.clone().float()
+            norms = rev.mask_norms.clone().double()
             norms[target] = float(again.mask_norms[works].min())
-            index = float(anomaly_index(norms)[target])
-            survives = bool(norms[target] < norms.median()) and index > rev.threshold
+            detection = detect_outlier(norms, rev.threshold)  # the detection's own low-side test
+            index = float(detection.anomaly_index[target])
+            survives = target in detection.flagged
             record.update(anomaly_index=round(index, 3), survives=survives)
             if not survives:
                 record["reason"] = (f"the target's smallest working mask ({float(norms[target]):.2f}) "
