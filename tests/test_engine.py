@@ -709,3 +709,46 @@ def test_odd_architectures_evaluated_hooked_and_zeroed_alike(arch):
     assert gaps["smallest_effect"] > 1e-4  # every mask did something
     assert gaps["evaluator_vs_hooked"] <= 1e-4
     assert gaps["hooked_vs_zeroed"] <= 1e-5, gaps
+
+
+def test_pruning_shift_moves_only_what_the_pruning_changed():
+    from trojanprune.engine.batchnorm import batchnorms, clean_statistics, pruning_shift, statistics_swapped
+
+    model, _ = make("vgg_small")
+    x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    units = discover_units(model, x[:1])
+    norms = batchnorms(model)
+    running = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in norms.items()}
+    # Nothing pruned: nothing moves.
+    same = pruning_shift(model, units, [], x)
+    assert all(torch.allclose(same[n][0], running[n][0], atol=1e-5)
+               and torch.allclose(same[n][1], running[n][1], rtol=1e-4) for n in norms)
+    # One channel of the first conv group pruned: the group's own BN and every earlier one keep
+    # their statistics; the next BN moves by exactly the change in its clean statistics.
+    first = units.groups[0].name
+    pruned = [(first, 0)]
+    shifted = pruning_shift(model, units, pruned, x)
+    order = list(norms)
+    own = units[first].mask_points
+    before = clean_statistics(model, x)
+    after = clean_statistics(apply_masks_permanently(model, units, pruned), x)
+    later = order[1]
+    assert not torch.allclose(shifted[later][0], running[later][0])
+    expected = running[later][0] + after[later][0] - before[later][0]
+    assert torch.allclose(shifted[later][0], expected, atol=1e-5)
+    for n in order:
+        if n in own:  # the pruned channel keeps its statistics; the others did not change
+            assert torch.allclose(shifted[n][0], running[n][0], atol=1e-5)
+    # Swapped in place and restored; an evaluator sees the swap.
+    ev = MaskEvaluator(model, units, x)
+    keep = units.keep_mask(pruned)[None]
+    plain = ev.logits(keep)
+    with statistics_swapped(model, shifted):
+        moved = ev.logits(keep)
+        with torch.no_grad(), ChannelMasks(model, units, keep):
+            direct = model(x)
+    assert (moved - plain).abs().max() > 1e-3
+    assert torch.allclose(moved[0], direct, atol=1e-4)
+    assert all(torch.equal(m.running_mean, running[n][0]) and torch.equal(m.running_var, running[n][1])
+               for n, m in norms.items())
+    assert torch.allclose(ev.logits(keep), plain, atol=1e-5)

@@ -6,6 +6,8 @@
 - :func:`apply_masks_permanently`: same structure, pruned channels zeroed in the weights.
 - :func:`export_pruned`: a smaller model with the pruned channels physically removed.
 - :class:`MaskEvaluator`: many masks on a fixed image set, batched and with prefix reuse.
+- :mod:`~trojanprune.engine.batchnorm`: BatchNorm running statistics moved by what a pruning
+  changed on clean images (a diagnosis: how much of a repair rests on stale statistics).
 - :func:`~trojanprune.engine.layout.channels_last_copy`: a faster (channels-last, CPU) copy of a
   model that computes the same function, for the passes of the reverses and the evaluator.
 

@@ -1,0 +1,133 @@
+"""A replay: would ONP's own reward accept moving the BatchNorm statistics by what its pruning
+changed (``trojanprune.engine.batchnorm.pruning_shift``, estimated on the probe half of the
+clean set)?
+
+For each ONP grid cell (its pruning parsed from the cell's HTML report) this script rebuilds
+what the repair saw (the same 500 clean images, split, units and backdoor probe, from the
+cell's seed and options) and gives, on the defender's side, the held-out accuracy, the probe's
+backdoor score and the reward of the pruning with and without the shift; then, on the test
+split with the true trigger (which no defense sees), ACC / ASR / DER of both.
+
+    TROJANPRUNE_DATA=../shared/datasets python benchmarks/bn_shift_gate.py \\
+        benchmarks/results/grid-cifar10-vgg_small --only badnets --out OUT.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from trojanprune import data, defenses, metrics
+from trojanprune.defenses.base import CleanData
+from trojanprune.defenses.onp import RewardTerms
+from trojanprune.engine import MaskEvaluator, apply_masks_permanently, discover_units
+from trojanprune.engine.batchnorm import pruning_shift, statistics_swapped
+from trojanprune.onp.probes import create_probe
+from trojanprune.runs import load_run
+from trojanprune.utils import seed_everything
+
+from bn_recalibration import accuracy, pruned_from_report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("grids", nargs="*", help="grid output folders: their ONP cells")
+    ap.add_argument("--records", nargs="*", default=[],
+                    help="ONP repair records (trojanprune repair --json) of zoo models, named "
+                         "<arch>-<attack>-seed<S>-...json as in benchmarks/results/onp-stop30")
+    ap.add_argument("--zoo", default="benchmarks/zoo")
+    ap.add_argument("--only", nargs="*", default=None, help="attacks to replay (default: all)")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", required=True, help="JSON lines, one per cell")
+    ap.add_argument("--no-probe", action="store_true",
+                    help="skip the probe (minutes a cell): clean accuracies and test figures only")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    for grid in args.grids:
+        for line in Path(grid, "results.jsonl").read_text().splitlines():
+            cell = json.loads(line)
+            if cell.get("defense") != "onp" or cell["status"] != "ok":
+                continue
+            if args.only and cell["attack"] not in args.only:
+                continue
+            emit(replay(cell, args.data_dir, probe=not args.no_probe), args.out)
+    for path in args.records:
+        emit(replay(record_cell(path, args.zoo), args.data_dir, probe=not args.no_probe), args.out)
+
+
+def emit(row: dict, out: str) -> None:
+    print(json.dumps(row), flush=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def record_cell(path: str, zoo: str) -> dict:
+    """A repair record in the shape of a grid cell (what ``replay`` reads)."""
+    record = json.loads(Path(path).read_text())
+    arch, attack = Path(path).name.split("-seed")[0].split("-", 1)
+    return {"arch": arch, "attack": attack, "seed": record["seed"], "clean_images": record["clean_images"],
+            "options": record["options"], "model_dir": str(Path(zoo) / f"cifar10-{arch}-{attack}"),
+            "pruned": [tuple(p) for p in record["pruned"]], "acc_before": record["before"]["acc"],
+            "asr_before": record["before"]["asr"], "acc_after": record["after"]["acc"],
+            "asr_after": record["after"]["asr"]}
+
+
+def replay(cell: dict, data_dir, probe: bool = True) -> dict:
+    run = load_run(cell["model_dir"])
+    model = copy.deepcopy(run.model).float().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ds = run.record["dataset"]
+    train = data.load_dataset(ds["name"], "train", data_dir=data_dir, image_size=ds.get("image_size"))
+    x, y = data.clean_subset(train, n=cell["clean_images"], seed=cell["seed"]).tensors()
+    seed = cell["seed"]
+    seed_everything(seed)
+    defense = defenses.get("onp")(seed=seed, **cell["options"])
+    o = defense.options
+    clean = CleanData(x, y, int(ds.get("num_classes", 10)))
+    fit, held = defense._split(clean)
+    units = discover_units(model, clean.x[:1])
+    if o.layers != "all":
+        units = units.select(o.layers)
+    pruned = cell.get("pruned") or pruned_from_report(cell["report"])
+    keep = units.keep_mask(pruned)[None]
+    fit_accuracy = MaskEvaluator(model, units, fit.x, fit.y)
+    if probe:
+        measure = RewardTerms(o, MaskEvaluator(model, units, held.x, held.y),
+                              create_probe(o.probe, model, units, fit, held, o, seed=seed), units.total)
+    else:
+        held_accuracy = MaskEvaluator(model, units, held.x, held.y)
+        measure = lambda k: {"acc": held_accuracy.accuracy(k)}  # noqa: E731
+
+    def terms() -> dict:
+        return {**{k: float(v[0]) for k, v in measure(keep).items()},
+                "fit_acc": float(fit_accuracy.accuracy(keep)[0])}
+
+    plain = terms()
+    stats = pruning_shift(model, units, pruned, fit.x)
+    with statistics_swapped(model, stats):
+        shifted = terms()
+        shifted_model = apply_masks_permanently(model, units, pruned)
+    plain_model = apply_masks_permanently(model, units, pruned)
+    tx, ty = run.test_set(data_dir).tensors()
+    attack = run.attack()
+    triggered = attack.apply(tx[ty != attack.target])
+    test = {}
+    for name, m in (("plain", plain_model), ("shifted", shifted_model)):
+        acc, asr = accuracy(m, tx, ty), accuracy(m, triggered, None, attack.target)
+        test[name] = {"acc": 100 * acc, "asr": 100 * asr, "drop": cell["acc_before"] - 100 * acc,
+                      "der": 100 * metrics.der(cell["acc_before"] / 100, acc, cell["asr_before"] / 100, asr)}
+    return {"cell": f"{cell['arch']} {cell['attack']} s{seed}", "pruned": len(pruned),
+            "unpruned": ({k: float(v[0]) for k, v in measure.unpruned.items()} if probe else {}) | {
+                "fit_acc": float(fit_accuracy.accuracy(torch.ones_like(keep))[0])},
+            "defender": {"plain": plain, "shifted": shifted}, "test": test,
+            "grid_cell": {"acc": cell["acc_after"], "asr": cell["asr_after"]}}
+
+
+if __name__ == "__main__":
+    main()
