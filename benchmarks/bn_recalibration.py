@@ -36,9 +36,12 @@ from torch import nn
 
 from trojanprune import data, metrics
 from trojanprune.engine import discover_units
+from trojanprune.engine.batchnorm import (clean_statistics, load_statistics, pruning_shift,
+                                          statistics_swapped)
 from trojanprune.engine.masks import apply_masks_permanently
 from trojanprune.runs import load_run
 
+BATCH = 100  # images per BatchNorm statistics batch (the cumulative average weighs batches equally)
 ROW = re.compile(r'<tr><td><code>([^<]+)</code></td><td class="num">\d+</td>'
                  r'<td class="num">\d+</td><td>(.*?)</td></tr>')
 
@@ -66,35 +69,18 @@ def batchnorms_in_order(model: nn.Module, x: torch.Tensor) -> list[str]:
     return order
 
 
-def recalibrated(model: nn.Module, images: torch.Tensor, which: set[str], batch_size: int = 100) -> nn.Module:
+def recalibrated(model: nn.Module, images: torch.Tensor, which: set[str]) -> nn.Module:
     """A copy whose BatchNorm layers named in ``which`` hold running statistics re-estimated
-    on ``images`` (a plain average over the batches); everything else is untouched."""
-    model = copy.deepcopy(model).eval()
-    norms = [m for n, m in model.named_modules()
-             if n in which and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-        m.train()
-    with torch.no_grad():
-        for b in range(0, len(images), batch_size):
-            model(images[b:b + batch_size])
-    return model.eval()
-
-
-def shifted(pruned: nn.Module, unpruned: nn.Module, images: torch.Tensor) -> nn.Module:
-    """A copy of ``pruned`` whose BatchNorm running statistics move by what the pruning changed
-    in each layer's statistics on ``images`` (mean difference, variance ratio)."""
-    names = [n for n, m in pruned.named_modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    on_pruned, on_unpruned = (dict(recalibrated(m, images, set(names)).named_modules()) for m in (pruned, unpruned))
-    out = copy.deepcopy(pruned).eval()
-    with torch.no_grad():
-        for n in names:
-            m, p, u = out.get_submodule(n), on_pruned[n], on_unpruned[n]
-            m.running_mean += p.running_mean - u.running_mean
-            m.running_var *= p.running_var / u.running_var.clamp_min(1e-12)
+    on ``images``; everything else is untouched."""
+    out = copy.deepcopy(model).eval()
+    load_statistics(out, clean_statistics(model, images, batch_size=BATCH, layers=which))
     return out
+
+
+def shifted(model: nn.Module, units, pruned, images: torch.Tensor) -> nn.Module:
+    """The pruning applied to a copy whose statistics moved by what it changed on ``images``."""
+    with statistics_swapped(model, pruning_shift(model, units, pruned, images, batch_size=BATCH)):
+        return apply_masks_permanently(model, units, pruned)
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, target: int | None = None) -> float:
@@ -144,7 +130,7 @@ def main() -> None:
             variants = {"pruned": repaired,
                         "all": recalibrated(repaired, cx, set(order)),
                         "after": recalibrated(repaired, cx, set(order[first + 1:])),
-                        "shift": shifted(repaired, model, cx),
+                        "shift": shifted(model, units, pruned, cx),
                         "unpruned-all": recalibrated(model, cx, set(order))}
             triggered = attack.apply(x[y != attack.target])
             row = []

@@ -31,11 +31,13 @@ def batchnorms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
             and m.running_var is not None}
 
 
-def clean_statistics(model: nn.Module, images: torch.Tensor, batch_size: int = 128) -> Statistics:
-    """Every BatchNorm layer's mean and (unbiased) variance on ``images``, averaged over
-    batches as BatchNorm's own cumulative average does; ``model`` is not touched."""
+def clean_statistics(model: nn.Module, images: torch.Tensor, batch_size: int = 128,
+                     layers: set[str] | None = None) -> Statistics:
+    """Each BatchNorm layer's mean and (unbiased) variance on ``images``, averaged over
+    batches as BatchNorm's own cumulative average does; ``model`` is not touched. ``layers``:
+    only these (the others normalize with their running statistics meanwhile); None = all."""
     work = copy.deepcopy(model).eval()
-    norms = batchnorms(work)
+    norms = {n: m for n, m in batchnorms(work).items() if layers is None or n in layers}
     for m in norms.values():
         m.reset_running_stats()
         m.momentum = None
@@ -48,13 +50,13 @@ def clean_statistics(model: nn.Module, images: torch.Tensor, batch_size: int = 1
 
 
 def pruning_shift(model: nn.Module, units: Units, pruned: Pruned, images: torch.Tensor,
-                  eps: float = 1e-8) -> Statistics:
+                  eps: float = 1e-8, batch_size: int = 128) -> Statistics:
     """Each BatchNorm layer's running statistics moved by what pruning ``pruned`` changes in its
     statistics on ``images`` (mean difference, variance ratio). Channels whose variance is
     (near) zero on either model keep their statistics: they are pruned or dead, and a ratio of
     them means nothing."""
-    before = clean_statistics(model, images)
-    after = clean_statistics(apply_masks_permanently(model, units, pruned), images)
+    before = clean_statistics(model, images, batch_size)
+    after = clean_statistics(apply_masks_permanently(model, units, pruned), images, batch_size)
     shifted = {}
     for name, m in batchnorms(model).items():
         (mean0, var0), (mean1, var1) = before[name], after[name]
@@ -65,6 +67,15 @@ def pruning_shift(model: nn.Module, units: Units, pruned: Pruned, images: torch.
     return shifted
 
 
+def load_statistics(model: nn.Module, statistics: Statistics) -> None:
+    """Write ``statistics`` into the model's BatchNorm layers, in place."""
+    norms = batchnorms(model)
+    with torch.no_grad():
+        for n, (mean, var) in statistics.items():
+            norms[n].running_mean.copy_(mean)
+            norms[n].running_var.copy_(var)
+
+
 @contextlib.contextmanager
 def statistics_swapped(model: nn.Module, statistics: Statistics):
     """Run with ``statistics`` in the model's BatchNorm layers, in place; restored on exit.
@@ -73,13 +84,7 @@ def statistics_swapped(model: nn.Module, statistics: Statistics):
     norms = batchnorms(model)
     saved = {n: (norms[n].running_mean.clone(), norms[n].running_var.clone()) for n in statistics}
     try:
-        with torch.no_grad():
-            for n, (mean, var) in statistics.items():
-                norms[n].running_mean.copy_(mean)
-                norms[n].running_var.copy_(var)
+        load_statistics(model, statistics)
         yield model
     finally:
-        with torch.no_grad():
-            for n, (mean, var) in saved.items():
-                norms[n].running_mean.copy_(mean)
-                norms[n].running_var.copy_(var)
+        load_statistics(model, saved)
