@@ -723,8 +723,8 @@ def test_pruning_shift_moves_only_what_the_pruning_changed():
     same = pruning_shift(model, units, [], x)
     assert all(torch.allclose(same[n][0], running[n][0], atol=1e-5)
                and torch.allclose(same[n][1], running[n][1], rtol=1e-4) for n in norms)
-    # One channel of the first conv group pruned: the group's own BN and every earlier one keep
-    # their statistics; the next BN moves by exactly the change in its clean statistics.
+    # One channel of the first conv group pruned: the group's own BN keeps its statistics; the
+    # next BN moves by exactly the change in its clean statistics.
     first = units.groups[0].name
     pruned = [(first, 0)]
     shifted = pruning_shift(model, units, pruned, x)
@@ -739,6 +739,9 @@ def test_pruning_shift_moves_only_what_the_pruning_changed():
     for n in order:
         if n in own:  # the pruned channel keeps its statistics; the others did not change
             assert torch.allclose(shifted[n][0], running[n][0], atol=1e-5)
+    # Estimated alone, a layer sees the earlier ones normalize with their running statistics.
+    alone = clean_statistics(model, x, layers={later})
+    assert set(alone) == {later} and not torch.allclose(alone[later][0], before[later][0])
     # Swapped in place and restored; an evaluator sees the swap.
     ev = MaskEvaluator(model, units, x)
     keep = units.keep_mask(pruned)[None]
