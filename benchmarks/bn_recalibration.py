@@ -110,6 +110,11 @@ def main() -> None:
             if cell.get("defense") != args.defense or cell["status"] != "ok":
                 continue
             pruned = pruned_from_report(cell["report"])
+            label = f"{cell['arch']} {cell['attack']} s{cell['seed']}"
+            if not pruned:
+                lines.append(f"| {label} | {cell['clean_images']} | 0 | (nothing pruned) |")
+                print(lines[-1], flush=True)
+                continue
             run = load_run(cell["model_dir"])
             model, attack = run.model.eval(), run.attack()
             x, y = run.test_set(args.data_dir).tensors()
@@ -138,7 +143,6 @@ def main() -> None:
                 acc, asr = accuracy(m, x, y), accuracy(m, triggered, None, attack.target)
                 der = 100 * metrics.der(cell["acc_before"] / 100, acc, cell["asr_before"] / 100, asr)
                 row.append(f"{100 * acc:.2f} / {100 * asr:.2f} / {der:.2f}")
-            label = f"{cell['arch']} {cell['attack']} s{cell['seed']}"
             lines.append(f"| {label} | {cell['clean_images']} | {len(pruned)} | " + " | ".join(row) + " |")
             print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
