@@ -35,11 +35,13 @@ import torch
 from torch import nn
 
 from trojanprune import data, metrics
+from trojanprune.bench.config import CleanSetting
+from trojanprune.bench.grid import clean_for_cell
 from trojanprune.engine import discover_units
 from trojanprune.engine.batchnorm import (clean_statistics, load_statistics, pruning_shift,
                                           statistics_swapped)
 from trojanprune.engine.masks import apply_masks_permanently
-from trojanprune.runs import load_run
+from trojanprune.sources import open_model
 
 BATCH = 100  # images per BatchNorm statistics batch (the cumulative average weighs batches equally)
 ROW = re.compile(r'<tr><td><code>([^<]+)</code></td><td class="num">\d+</td>'
@@ -57,7 +59,7 @@ def pruned_from_report(path: Path) -> list[tuple[str, int]]:
     return pruned
 
 
-def batchnorms_in_order(model: nn.Module, x: torch.Tensor) -> list[str]:
+def modules_in_order(model: nn.Module, x: torch.Tensor) -> list[str]:
     """Every module's name in the order a forward pass first runs it."""
     order, names = [], {m: n for n, m in model.named_modules()}
     hooks = [m.register_forward_hook(lambda m, i, o: order.append(names[m]) if names[m] not in order else None)
@@ -83,15 +85,6 @@ def shifted(model: nn.Module, units, pruned, images: torch.Tensor) -> nn.Module:
         return apply_masks_permanently(model, units, pruned)
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, target: int | None = None) -> float:
-    hits = 0
-    with torch.no_grad():
-        for b in range(0, len(x), 500):
-            pred = model(x[b:b + 500]).argmax(-1)
-            hits += int((pred == (y[b:b + 500] if y is not None else target)).sum())
-    return hits / len(x)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("grids", nargs="+", help="grid output folders (results.jsonl and reports/)")
@@ -103,7 +96,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     lines = ["| cell | clean images | pruned | pruned: ACC / ASR / DER | all BN: ACC / ASR / DER "
              "| BN after the pruning | shift only | unpruned, all BN |", "|---|---|---|---|---|---|---|---|"]
-    train = {}
     for grid in args.grids:
         for line in Path(grid, "results.jsonl").read_text().splitlines():
             cell = json.loads(line)
@@ -115,21 +107,15 @@ def main() -> None:
                 lines.append(f"| {label} | {cell['clean_images']} | 0 | (nothing pruned) |")
                 print(lines[-1], flush=True)
                 continue
-            run = load_run(cell["model_dir"])
-            model, attack = run.model.eval(), run.attack()
-            x, y = run.test_set(args.data_dir).tensors()
-            units = discover_units(model, x[:1])
+            source = open_model(cell["model_dir"])
+            model, ds = source.model.eval(), source.dataset
+            test = data.load_dataset(ds["name"], "test", data_dir=args.data_dir, image_size=ds.get("image_size"))
+            units = discover_units(model, test.tensors()[0][:1])
             repaired = apply_masks_permanently(model, units, pruned)
-            ds = run.record["dataset"]
-            key = (ds["name"], ds.get("image_size"))
-            if key not in train:
-                train[key] = data.load_dataset(ds["name"], "train", data_dir=args.data_dir,
-                                               image_size=ds.get("image_size"))
-            per_class = cell.get("clean_setting", {}).get("per_class")
-            clean = (data.clean_subset(train[key], per_class=per_class, seed=cell["seed"]) if per_class
-                     else data.clean_subset(train[key], n=cell["clean_images"], seed=cell["seed"]))
-            cx, _ = clean.tensors()
-            order = batchnorms_in_order(repaired, cx[:2])
+            # the defender's clean images, drawn as the grid drew them for this cell
+            cx, _ = clean_for_cell(source, CleanSetting(**cell["clean_setting"]), cell["seed"],
+                                   args.data_dir).tensors()
+            order = modules_in_order(repaired, cx[:2])
             pruned_modules = {p for g, _ in pruned for p in units[g].mask_points}
             first = min(order.index(m) for m in pruned_modules)
             variants = {"pruned": repaired,
@@ -137,12 +123,12 @@ def main() -> None:
                         "after": recalibrated(repaired, cx, set(order[first + 1:])),
                         "shift": shifted(model, units, pruned, cx),
                         "unpruned-all": recalibrated(model, cx, set(order))}
-            triggered = attack.apply(x[y != attack.target])
             row = []
-            for name, m in variants.items():
-                acc, asr = accuracy(m, x, y), accuracy(m, triggered, None, attack.target)
-                der = 100 * metrics.der(cell["acc_before"] / 100, acc, cell["asr_before"] / 100, asr)
-                row.append(f"{100 * acc:.2f} / {100 * asr:.2f} / {der:.2f}")
+            for m in variants.values():
+                after = metrics.evaluate(m, test, source.attack)
+                der = 100 * metrics.der(cell["acc_before"] / 100, after["acc"] / 100,
+                                        cell["asr_before"] / 100, after["asr"] / 100)
+                row.append(f"{after['acc']:.2f} / {after['asr']:.2f} / {der:.2f}")
             lines.append(f"| {label} | {cell['clean_images']} | {len(pruned)} | " + " | ".join(row) + " |")
             print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"

@@ -15,22 +15,19 @@ split with the true trigger (which no defense sees), ACC / ASR / DER of both.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from pathlib import Path
 
 import torch
 
-from trojanprune import data, defenses, metrics
-from trojanprune.defenses.base import CleanData
-from trojanprune.defenses.onp import RewardTerms
-from trojanprune.engine import MaskEvaluator, apply_masks_permanently, discover_units
+from trojanprune import metrics
+from trojanprune.engine import MaskEvaluator, apply_masks_permanently
 from trojanprune.engine.batchnorm import pruning_shift, statistics_swapped
-from trojanprune.onp.probes import create_probe
 from trojanprune.runs import load_run
-from trojanprune.utils import seed_everything
 
-from bn_recalibration import accuracy, pruned_from_report
+from bn_recalibration import pruned_from_report
+from give_back import rebuild
+from refine_steps import defender_clean
 
 
 def main() -> None:
@@ -79,28 +76,12 @@ def record_cell(path: str, zoo: str) -> dict:
 
 def replay(cell: dict, data_dir, probe: bool = True) -> dict:
     run = load_run(cell["model_dir"])
-    model = copy.deepcopy(run.model).float().eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    ds = run.record["dataset"]
-    train = data.load_dataset(ds["name"], "train", data_dir=data_dir, image_size=ds.get("image_size"))
-    x, y = data.clean_subset(train, n=cell["clean_images"], seed=cell["seed"]).tensors()
-    seed = cell["seed"]
-    seed_everything(seed)
-    defense = defenses.get("onp")(seed=seed, **cell["options"])
-    o = defense.options
-    clean = CleanData(x, y, int(ds.get("num_classes", 10)))
-    fit, held = defense._split(clean)
-    units = discover_units(model, clean.x[:1])
-    if o.layers != "all":
-        units = units.select(o.layers)
+    x, y = defender_clean(run, cell, {}, data_dir)
+    model, _, units, fit, held, measure = rebuild(run, x, y, cell["seed"], cell["options"], probe)
     pruned = cell.get("pruned") or pruned_from_report(cell["report"])
     keep = units.keep_mask(pruned)[None]
     fit_accuracy = MaskEvaluator(model, units, fit.x, fit.y)
-    if probe:
-        measure = RewardTerms(o, MaskEvaluator(model, units, held.x, held.y),
-                              create_probe(o.probe, model, units, fit, held, o, seed=seed), units.total)
-    else:
+    if not probe:
         held_accuracy = MaskEvaluator(model, units, held.x, held.y)
         measure = lambda k: {"acc": held_accuracy.accuracy(k)}  # noqa: E731
 
@@ -109,25 +90,21 @@ def replay(cell: dict, data_dir, probe: bool = True) -> dict:
                 "fit_acc": float(fit_accuracy.accuracy(keep)[0])}
 
     plain = terms()
-    stats = pruning_shift(model, units, pruned, fit.x)
-    with statistics_swapped(model, stats):
+    with statistics_swapped(model, pruning_shift(model, units, pruned, fit.x)):
         shifted = terms()
         shifted_model = apply_masks_permanently(model, units, pruned)
-    plain_model = apply_masks_permanently(model, units, pruned)
-    tx, ty = run.test_set(data_dir).tensors()
-    attack = run.attack()
-    triggered = attack.apply(tx[ty != attack.target])
+    test_set, attack = run.test_set(data_dir), run.attack()
     test = {}
-    for name, m in (("plain", plain_model), ("shifted", shifted_model)):
-        acc, asr = accuracy(m, tx, ty), accuracy(m, triggered, None, attack.target)
-        test[name] = {"acc": 100 * acc, "asr": 100 * asr, "drop": cell["acc_before"] - 100 * acc,
-                      "der": 100 * metrics.der(cell["acc_before"] / 100, acc, cell["asr_before"] / 100, asr)}
-    return {"cell": f"{cell['arch']} {cell['attack']} s{seed}", "pruned": len(pruned),
+    for name, m in (("plain", apply_masks_permanently(model, units, pruned)), ("shifted", shifted_model)):
+        after = metrics.evaluate(m, test_set, attack)
+        test[name] = {"acc": after["acc"], "asr": after["asr"], "drop": cell["acc_before"] - after["acc"],
+                      "der": 100 * metrics.der(cell["acc_before"] / 100, after["acc"] / 100,
+                                               cell["asr_before"] / 100, after["asr"] / 100)}
+    return {"cell": f"{cell['arch']} {cell['attack']} s{cell['seed']}", "pruned": len(pruned),
             "unpruned": ({k: float(v[0]) for k, v in measure.unpruned.items()} if probe else {}) | {
                 "fit_acc": float(fit_accuracy.accuracy(torch.ones_like(keep))[0])},
             "defender": {"plain": plain, "shifted": shifted}, "test": test,
             "grid_cell": {"acc": cell["acc_after"], "asr": cell["asr_after"]}}
-
 
 if __name__ == "__main__":
     main()

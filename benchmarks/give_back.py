@@ -117,21 +117,30 @@ def replay(run, record: dict, cache: dict, data_dir, start: str = "choice"):
     ``ONP.run`` build it: (the keep mask to start from: the agent's choice or, with ``start``
     "refined", the record's final pruning; reward terms; the defense; units)."""
     x, y = defender_clean(run, record, cache, data_dir)
+    _, defense, units, _, _, measure = rebuild(run, x, y, record["seed"], record["options"])
+    return step_masks(record, units)[0 if start == "choice" else -1], measure, defense, units
+
+
+def rebuild(run, x, y, seed: int, options: dict, probe: bool = True):
+    """What ONP's run builds before its agent, from the defender's clean images ``x, y``:
+    (the model copy every evaluator runs, the defense, units, fit half, held-out half, reward
+    terms; None without ``probe``)."""
     model = copy.deepcopy(run.model).float().eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    seed = record["seed"]
     seed_everything(seed)
-    defense = defenses.get("onp")(seed=seed, **record["options"])
+    defense = defenses.get("onp")(seed=seed, **options)
     o = defense.options
     clean = CleanData(x, y, int(run.record["dataset"].get("num_classes", 10)))
     fit, held = defense._split(clean)
     units = discover_units(model, clean.x[:1])
     if o.layers != "all":
         units = units.select(o.layers)
-    probe = create_probe(o.probe, model, units, fit, held, o, seed=seed)
-    measure = RewardTerms(o, MaskEvaluator(model, units, held.x, held.y), probe, units.total)
-    return step_masks(record, units)[0 if start == "choice" else -1], measure, defense, units
+    measure = None
+    if probe:
+        backdoor = create_probe(o.probe, model, units, fit, held, o, seed=seed)
+        measure = RewardTerms(o, MaskEvaluator(model, units, held.x, held.y), backdoor, units.total)
+    return model, defense, units, fit, held, measure
 
 
 if __name__ == "__main__":
