@@ -107,6 +107,25 @@ def test_finetune_keeps_masked_channels_at_zero():
     torch.testing.assert_close(pruned(clean.x), masked_out)
 
 
+def test_finetune_can_keep_the_batchnorm_statistics():
+    model, clean = _small()
+    running = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    assert running
+    kept = copy.deepcopy(model)
+    stats = finetune(kept, clean, epochs=1, lr=0.05, batch_size=8, seed=0, batchnorm="keep")
+    assert stats["batchnorm"] == "keep"
+    state = kept.state_dict()
+    for k, v in running.items():
+        assert torch.equal(state[k], v), f"{k} moved with batchnorm='keep'"
+    assert any(not torch.equal(state[k], v) for k, v in model.state_dict().items()
+               if k.endswith("weight")), "nothing was trained"
+    updated = copy.deepcopy(model)
+    finetune(updated, clean, epochs=1, lr=0.05, batch_size=8, seed=0)
+    assert any(not torch.equal(updated.state_dict()[k], v) for k, v in running.items())
+    with pytest.raises(ConfigError, match="batchnorm"):
+        finetune(model, clean, epochs=1, lr=0.01, batch_size=8, seed=0, batchnorm="freeze")
+
+
 def test_finetune_is_seeded_and_rejects_bad_input():
     model, clean = _small()
     a, b = copy.deepcopy(model), copy.deepcopy(model)

@@ -10,8 +10,11 @@ installed afterwards; make them permanent with
 :func:`~trojanprune.engine.apply_masks_permanently` (or keep using the hooks).
 
 Our choices (no paper fixes them for a 500-image clean set): the cosine schedule and the
-per-batch tensor augmentation of :mod:`trojanprune.training`; BatchNorm layers run in training
-mode, so their running statistics adapt to the clean set, as in BackdoorBench's fine-tuning.
+per-batch tensor augmentation of :mod:`trojanprune.training`; by default BatchNorm layers run in
+training mode, so their running statistics adapt to the clean set, as in BackdoorBench's
+fine-tuning. ``batchnorm="keep"`` runs them in eval mode instead (weights and affine parameters
+still train; the running statistics stay as they were): a pruning repair can rest on the
+statistics it was chosen under (BENCHMARKS.md, "Stop 36"), which a re-estimate undoes.
 """
 
 from __future__ import annotations
@@ -30,11 +33,12 @@ from ..training import AUGMENTATIONS, augment_batch
 from ..utils import derive_seed
 from .base import CleanData, check_finite
 
+BATCHNORM_MODES = ("update", "keep")
 
 def finetune(model: nn.Module, clean: CleanData, epochs: int, lr: float, batch_size: int,
              seed: int, masks: ChannelMasks | None = None, weight_decay: float = 5e-4,
              momentum: float = 0.9, progress: bool = False, augment: str = "none",
-             crop_padding: int = 4) -> dict:
+             crop_padding: int = 4, batchnorm: str = "update") -> dict:
     """Fine-tune ``model`` in place on ``clean``; return statistics (JSON-able).
 
     Args:
@@ -52,6 +56,9 @@ def finetune(model: nn.Module, clean: CleanData, epochs: int, lr: float, batch_s
         progress: show a progress bar.
         augment: ``"none"``, ``"crop"`` (random crop after zero padding of ``crop_padding``
             pixels) or ``"crop+flip"``, as in :func:`trojanprune.training.augment_batch`.
+        batchnorm: ``"update"`` (BatchNorm in training mode: batch statistics, running
+            statistics re-estimated) or ``"keep"`` (BatchNorm in eval mode: the running
+            statistics normalize and stay unchanged).
 
     Raises :class:`~trojanprune.errors.DataError` when the loss becomes NaN or infinite; the
     caller's input model is untouched (defenses work on a copy).
@@ -64,11 +71,14 @@ def finetune(model: nn.Module, clean: CleanData, epochs: int, lr: float, batch_s
                           f"{weight_decay}, {momentum}")
     if augment not in AUGMENTATIONS:
         raise ConfigError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
+    if batchnorm not in BATCHNORM_MODES:
+        raise ConfigError(f"batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}")
     if masks is not None:
         _check_masks(model, masks)
     n = len(clean)
     stats = {"epochs": int(epochs), "steps": 0, "images": 0, "lr": lr, "batch_size": batch_size,
-             "augment": augment, "final_loss": None, "final_train_acc": None, "seconds": 0.0}
+             "augment": augment, "batchnorm": batchnorm, "final_loss": None, "final_train_acc": None,
+             "seconds": 0.0}
     if epochs == 0:
         return stats
     if n < 2:
@@ -86,6 +96,10 @@ def finetune(model: nn.Module, clean: CleanData, epochs: int, lr: float, batch_s
         optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
         model.train()
+        if batchnorm == "keep":
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         with torch.enable_grad(), progress_bar(enabled=progress) as bar:
             task = bar.add_task("fine-tuning", total=epochs * steps_per_epoch)
             for epoch in range(epochs):
