@@ -59,6 +59,18 @@ def test_ft_with_a_larger_learning_rate_removes_the_backdoor(backdoor_case):
     assert after["acc"] > case.before["acc"] - 3, after  # 97.6 measured
 
 
+def test_ft_can_keep_the_batchnorm_statistics(backdoor_case):
+    case = backdoor_case
+    result = tp.repair(case.model, case.clean, method="ft", seed=0, epochs=2, batchnorm="keep")
+    assert result.details["finetune"]["batchnorm"] == "keep"
+    before, after = case.model.state_dict(), result.model.state_dict()
+    running = [k for k in before if "running" in k]
+    assert running and all(torch.equal(before[k], after[k]) for k in running)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
+    updated = tp.repair(case.model, case.clean, method="ft", seed=0, epochs=2).model.state_dict()
+    assert any(not torch.equal(before[k], updated[k]) for k in running)
+
+
 def test_ft_bad_inputs(backdoor_case):
     case = backdoor_case
     with pytest.raises(ConfigError, match="needs clean data.*clp"):
@@ -67,6 +79,8 @@ def test_ft_bad_inputs(backdoor_case):
         tp.repair(case.model, case.clean, method="ft", learning_rate=0.1)
     with pytest.raises(ConfigError, match="augment"):
         tp.repair(case.model, case.clean, method="ft", augment="rotate")
+    with pytest.raises(ConfigError, match="batchnorm must be one of update, keep"):
+        tp.repair(case.model, case.clean, method="fp", batchnorm="frozen")
     with pytest.raises(ConfigError, match="epochs"):
         tp.repair(case.model, case.clean, method="ft", epochs=0)
     with pytest.raises(ConfigError, match="takes a number"):

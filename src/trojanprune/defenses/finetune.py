@@ -159,8 +159,8 @@ __all__ = ["finetune"]
 
 
 def check_finetune_options(o) -> None:
-    """Validate the fine-tuning fields (lr, batch_size, weight_decay, momentum, augment) that
-    every fine-tuning defense's Options share."""
+    """Validate the fine-tuning fields (lr, batch_size, weight_decay, momentum, augment,
+    batchnorm) that every fine-tuning defense's Options share."""
     if not o.lr > 0 or o.batch_size < 1:
         raise ConfigError(f"lr must be > 0 and batch_size >= 1; got lr={o.lr}, "
                           f"batch_size={o.batch_size}")
@@ -169,3 +169,5 @@ def check_finetune_options(o) -> None:
                           f"{o.weight_decay}, {o.momentum}")
     if o.augment not in AUGMENTATIONS:
         raise ConfigError(f"augment must be one of {', '.join(AUGMENTATIONS)}; got {o.augment!r}")
+    if o.batchnorm not in BATCHNORM_MODES:
+        raise ConfigError(f"batchnorm must be one of {', '.join(BATCHNORM_MODES)}; got {o.batchnorm!r}")

@@ -63,8 +63,8 @@ class Options:
         ours). With too few images to hold any out, the whole clean set is used and
         ``details["holdout_fallback"]`` says so.
     finetune_epochs: fine-tuning epochs after pruning (10; ours; 0 = prune only).
-    lr, momentum, weight_decay, batch_size, augment: fine-tuning SGD settings, as FT's
-        (0.01, 0.9, 5e-4, 64, "crop").
+    lr, momentum, weight_decay, batch_size, augment, batchnorm: fine-tuning settings, as FT's
+        (0.01, 0.9, 5e-4, 64, "crop", "update").
     """
 
     acc_drop: float = 0.04
@@ -76,6 +76,7 @@ class Options:
     weight_decay: float = 5e-4
     batch_size: int = 64
     augment: str = "crop"
+    batchnorm: str = "update"
 
     def __post_init__(self):
         if not 0 <= self.acc_drop <= 1:
@@ -155,7 +156,8 @@ class FinePruning(Defense):
                 stats = finetune(model, clean, epochs=o.finetune_epochs, lr=o.lr,
                                  batch_size=o.batch_size, seed=self.seed, masks=cm,
                                  weight_decay=o.weight_decay, momentum=o.momentum,
-                                 progress=self.progress, augment=o.augment)
+                                 progress=self.progress, augment=o.augment,
+                                 batchnorm=o.batchnorm)
         repaired = apply_masks_permanently(model, units, pruned)
         details = {
             "layer": group.name, "layer_kind": kind, "layer_channels": group.size,

@@ -32,6 +32,9 @@ class Options:
     weight_decay: SGD weight decay (5e-4).
     batch_size: images per step (64).
     augment: "none", "crop" (random crop after 4-pixel zero padding) or "crop+flip" ("crop").
+    batchnorm: "update" (BatchNorm in training mode, running statistics re-estimated on the
+        clean images, as BackdoorBench's fine-tuning; the default) or "keep" (BatchNorm in eval
+        mode, running statistics unchanged).
     """
 
     epochs: int = 20
@@ -40,6 +43,7 @@ class Options:
     weight_decay: float = 5e-4
     batch_size: int = 64
     augment: str = "crop"
+    batchnorm: str = "update"
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -59,6 +63,6 @@ class FineTuning(Defense):
         o = self.options
         stats = finetune(model, clean, epochs=o.epochs, lr=o.lr, batch_size=o.batch_size,
                          seed=self.seed, weight_decay=o.weight_decay, momentum=o.momentum,
-                         progress=self.progress, augment=o.augment)
+                         progress=self.progress, augment=o.augment, batchnorm=o.batchnorm)
         return RepairResult(model=model, method=self.name, pruned=[], evaluations=o.epochs,
                             details={"finetune": stats, "clean_images": len(clean)})
