@@ -168,6 +168,14 @@ class MaskEvaluator:
         labels = self._labels(labels)
         return (self.logits(masks).argmax(-1) == labels).float().mean(1)
 
+    def soft_accuracy(self, masks: MaskInput, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """(M,) mean softmax probability of each image's label: accuracy's smooth counterpart,
+        which moves with every image rather than only with those whose prediction flips."""
+        labels = self._labels(labels)
+        log_p = self.logits(masks).float().log_softmax(-1)
+        idx = labels.view(1, -1, 1).expand(log_p.shape[0], -1, 1)
+        return log_p.gather(-1, idx).squeeze(-1).exp().mean(1)
+
     def target_rate(self, masks: MaskInput, target: int | torch.Tensor) -> torch.Tensor:
         """(M,) fraction of images classified as ``target`` (attack success on triggered images)."""
         target = self._target(target)
