@@ -532,6 +532,10 @@ def test_evaluator_metrics_budget_and_cache():
         ev.logits(masks)  # 12 + 3 > 14: refused before any work
     assert isinstance(info.value, TrojanPruneError) and ev.evaluations == 12
     ev.budget = None
+    # soft accuracy: each image's softmax probability of its label, averaged
+    own = logits.softmax(-1)[:, torch.arange(4), labels]
+    assert torch.allclose(ev.soft_accuracy(masks), own.mean(1), atol=1e-6)
+    assert bool((ev.soft_accuracy(masks) <= 1).all()) and bool((ev.soft_accuracy(masks) >= 0).all())
     # weights changed in place: cached prefix activations must not be reused
     with torch.no_grad():
         model.features[0].weight.mul_(-1)

@@ -273,6 +273,53 @@ def test_final_choice_is_confirmed_on_all_clean_images():
     assert choice["source"] == "episode 2" and float(chosen[1]) == 0 and float(chosen[0]) == 1
     assert choice["rejected_by_confirmation"] == 1 and abs(choice["all_clean_acc"] - 0.85) < 1e-6
 
+    class SoftOnly:  # top-1 sees nothing; the label's probability falls when unit 0 is pruned
+        def accuracy(self, keep):
+            return torch.full((len(keep),), 0.85)
+
+        def soft_accuracy(self, keep):
+            return 0.85 - 0.1 * (keep[:, 0] < 0.5).float()
+
+    assert defense._choose(probs, history, measure, base, total, SoftOnly())[1]["source"] == "episode 1"
+    soft = ONP(seed=0, accuracy="soft")
+    assert soft._choose(probs, history, measure, base, total, SoftOnly())[1]["source"] == "episode 2"
+
+
+def test_soft_accuracy_option_measures_the_reward_and_the_guards_by_label_probability():
+    """accuracy="soft": the reward's accuracy term and the confirmation guard read the mean
+    softmax probability of the label, not the top-1 accuracy."""
+    from trojanprune.defenses.onp import ONP, RewardTerms
+
+    class Evaluator:  # top-1 never moves; the label's probability falls with each pruned unit
+        evaluations = 0
+
+        def accuracy(self, keep):
+            return torch.full((len(keep),), 0.9)
+
+        def soft_accuracy(self, keep):
+            return 0.8 - 0.03 * (keep < 0.5).float().sum(1)
+
+    class Probe:
+        def score(self, keep):
+            return 1 - 0.5 * (keep[:, 0] < 0.5).float()
+
+    keep = torch.ones(2, 4)
+    keep[1, :2] = 0
+    reward = {}
+    for measure, acc in (("top1", [0.9, 0.9]), ("soft", [0.8, 0.74])):
+        o = ONP(seed=0, accuracy=measure).options
+        terms = RewardTerms(o, Evaluator(), Probe(), 4)
+        m = terms(keep)
+        assert torch.allclose(m["acc"], torch.tensor(acc))
+        assert abs(terms.floor - (acc[0] - 0.02)) < 1e-6
+        reward[measure] = m["reward"]
+    # top-1 sees no cost in the two-unit pruning and prefers it; the soft measure sees it
+    # 0.06 below the unpruned model, beyond the 0.02 tolerance, and the penalty rejects it
+    assert float(reward["top1"][1]) > float(reward["top1"][0])
+    assert float(reward["soft"][1]) < float(reward["soft"][0])
+    with pytest.raises(ConfigError, match="accuracy must be one of top1, soft"):
+        ONP(seed=0, accuracy="probability")
+
 
 def test_refinement_adds_channels_greedily_within_the_accuracy_guard():
     """refine_steps: each step prunes the pool channel that raises the reward most, skipping
