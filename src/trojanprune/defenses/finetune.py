@@ -33,7 +33,9 @@ from ..training import AUGMENTATIONS, augment_batch
 from ..utils import derive_seed
 from .base import CleanData, check_finite
 
+#: finetune's ``batchnorm`` values
 BATCHNORM_MODES = ("update", "keep")
+
 
 def finetune(model: nn.Module, clean: CleanData, epochs: int, lr: float, batch_size: int,
              seed: int, masks: ChannelMasks | None = None, weight_decay: float = 5e-4,
@@ -72,7 +74,7 @@ def finetune(model: nn.Module, clean: CleanData, epochs: int, lr: float, batch_s
     if augment not in AUGMENTATIONS:
         raise ConfigError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
     if batchnorm not in BATCHNORM_MODES:
-        raise ConfigError(f"batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}")
+        raise ConfigError(f"batchnorm must be one of {', '.join(BATCHNORM_MODES)}; got {batchnorm!r}")
     if masks is not None:
         _check_masks(model, masks)
     n = len(clean)
