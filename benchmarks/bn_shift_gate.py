@@ -32,29 +32,39 @@ from refine_steps import defender_clean
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_cell_arguments(ap)
+    ap.add_argument("--only", nargs="*", default=None, help="attacks to replay (default: all)")
+    ap.add_argument("--no-probe", action="store_true",
+                    help="skip the probe (minutes a cell): clean accuracies and test figures only")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    for cell in onp_cells(args):
+        if cell.get("report") and args.only and cell["attack"] not in args.only:
+            continue  # --only filters the grid cells; records are replayed as given
+        emit(replay(cell, args.data_dir, probe=not args.no_probe), args.out)
+
+
+def add_cell_arguments(ap: argparse.ArgumentParser) -> None:
+    """The arguments that name ONP prunings to replay (grids and records), and the run's."""
     ap.add_argument("grids", nargs="*", help="grid output folders: their ONP cells")
     ap.add_argument("--records", nargs="*", default=[],
                     help="ONP repair records (trojanprune repair --json) of zoo models, named "
                          "<arch>-<attack>-seed<S>-...json as in benchmarks/results/onp-stop30")
     ap.add_argument("--zoo", default="benchmarks/zoo")
-    ap.add_argument("--only", nargs="*", default=None, help="attacks to replay (default: all)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", required=True, help="JSON lines, one per cell")
-    ap.add_argument("--no-probe", action="store_true",
-                    help="skip the probe (minutes a cell): clean accuracies and test figures only")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    ap.add_argument("--out", required=True, help="JSON lines, one per pruning")
+
+
+def onp_cells(args) -> list[dict]:
+    """The finished ONP cells of ``args.grids``, then ``args.records`` in the same shape."""
+    cells = []
     for grid in args.grids:
         for line in Path(grid, "results.jsonl").read_text().splitlines():
             cell = json.loads(line)
-            if cell.get("defense") != "onp" or cell["status"] != "ok":
-                continue
-            if args.only and cell["attack"] not in args.only:
-                continue
-            emit(replay(cell, args.data_dir, probe=not args.no_probe), args.out)
-    for path in args.records:
-        emit(replay(record_cell(path, args.zoo), args.data_dir, probe=not args.no_probe), args.out)
+            if cell.get("defense") == "onp" and cell["status"] == "ok":
+                cells.append(cell)
+    return cells + [record_cell(path, args.zoo) for path in args.records]
 
 
 def emit(row: dict, out: str) -> None:

@@ -18,8 +18,6 @@ the test split (which no defense sees).
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 
@@ -27,7 +25,7 @@ from trojanprune.engine import MaskEvaluator
 from trojanprune.runs import load_run
 
 from bn_recalibration import pruned_from_report
-from bn_shift_gate import emit, record_cell
+from bn_shift_gate import add_cell_arguments, emit, onp_cells
 from give_back import rebuild
 from refine_steps import defender_clean
 
@@ -44,21 +42,10 @@ def measures(model, units, x, y, keep) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("grids", nargs="*", help="grid output folders: their ONP cells")
-    ap.add_argument("--records", nargs="*", default=[], help="ONP repair records, as bn_shift_gate.py")
-    ap.add_argument("--zoo", default="benchmarks/zoo")
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", required=True, help="JSON lines, one per pruning")
+    add_cell_arguments(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cells = []
-    for grid in args.grids:
-        for line in Path(grid, "results.jsonl").read_text().splitlines():
-            cell = json.loads(line)
-            if cell.get("defense") == "onp" and cell["status"] == "ok":
-                cells.append(cell)
-    cells += [record_cell(path, args.zoo) for path in args.records]
+    cells = onp_cells(args)
     for cell in cells:
         run = load_run(cell["model_dir"])
         x, y = defender_clean(run, cell, {}, args.data_dir)

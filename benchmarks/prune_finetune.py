@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-from pathlib import Path
 
 import torch
 
@@ -35,7 +33,7 @@ from trojanprune.engine import ChannelMasks, apply_masks_permanently, discover_u
 from trojanprune.runs import load_run
 
 from bn_recalibration import pruned_from_report
-from bn_shift_gate import emit, record_cell
+from bn_shift_gate import add_cell_arguments, emit, onp_cells
 from refine_steps import defender_clean
 
 VARIANTS = ("keep", "update")
@@ -43,27 +41,13 @@ VARIANTS = ("keep", "update")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("grids", nargs="*", help="grid output folders: their ONP cells")
-    ap.add_argument("--records", nargs="*", default=[],
-                    help="ONP repair records (trojanprune repair --json) of zoo models, named "
-                         "<arch>-<attack>-seed<S>-...json as in benchmarks/results/onp-stop30")
-    ap.add_argument("--zoo", default="benchmarks/zoo")
+    add_cell_arguments(ap)
     ap.add_argument("--only", nargs="*", default=None, help="attacks to replay (default: all)")
     ap.add_argument("--epochs", type=int, default=FPOptions.finetune_epochs)
     ap.add_argument("--lr", type=float, default=FPOptions.lr)
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", required=True, help="JSON lines, one per cell")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cells = []
-    for grid in args.grids:
-        for line in Path(grid, "results.jsonl").read_text().splitlines():
-            cell = json.loads(line)
-            if cell.get("defense") == "onp" and cell["status"] == "ok":
-                cells.append(cell)
-    cells += [record_cell(path, args.zoo) for path in args.records]
-    for cell in cells:
+    for cell in onp_cells(args):
         if args.only and cell["attack"] not in args.only:
             continue
         emit(replay(cell, args.epochs, args.lr, args.data_dir), args.out)
