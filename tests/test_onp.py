@@ -228,6 +228,13 @@ def test_result_records_policy_scores_curve_and_evaluations(backdoor_case, onp_r
     assert all(0 <= p <= 1 for v in probs.values() for p in v)
     assert len(d["episodes"]["reward"]) == 128
     assert result.evaluations == sum(d["evaluations_by_part"].values())
+    # the one-line account: the final pruning's figures on all the clean images
+    estimate = d["choice"]["clean_estimate"]
+    assert estimate["images"] == len(backdoor_case.clean)
+    assert estimate["backdoor_score"][1] < estimate["backdoor_score"][0]
+    assert estimate["soft"][1] < estimate["soft"][0] + 0.05 and 0 < estimate["top1"][1] <= 1
+    assert result.decision == d["choice"]["reason"]
+    assert result.decision.startswith(f"pruned {len(result.pruned)} of {units.total} channels")
     # two evaluations per episode (held-out accuracy and reversed-trigger success) at least
     assert d["evaluations_by_part"]["reward_accuracy"] >= 129
     assert d["evaluations_by_part"]["probe"] >= d["probe"]["reverse"]["evaluations"] + 129
