@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine import ChannelMasks
+from ..engine.batchnorm import batchnorms
 from ..errors import ConfigError, DataError
 from ..progress import progress_bar
 from ..training import AUGMENTATIONS, augment_batch
@@ -99,9 +100,8 @@ def finetune(model: nn.Module, clean: CleanData, epochs: int, lr: float, batch_s
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
         model.train()
         if batchnorm == "keep":
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+            for m in batchnorms(model).values():
+                m.eval()
         with torch.enable_grad(), progress_bar(enabled=progress) as bar:
             task = bar.add_task("fine-tuning", total=epochs * steps_per_epoch)
             for epoch in range(epochs):
