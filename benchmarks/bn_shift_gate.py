@@ -73,6 +73,15 @@ def emit(row: dict, out: str) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def test_figures(cell: dict, model, test_set, attack) -> dict:
+    """ACC, ASR (%), ACC drop (points, to 2 decimals) and DER (%) of ``model`` on the test split
+    with the true trigger, against the cell's unpruned model."""
+    after = metrics.evaluate(model, test_set, attack)
+    return {"acc": after["acc"], "asr": after["asr"], "drop": round(cell["acc_before"] - after["acc"], 2),
+            "der": 100 * metrics.der(cell["acc_before"] / 100, after["acc"] / 100,
+                                     cell["asr_before"] / 100, after["asr"] / 100)}
+
+
 def record_cell(path: str, zoo: str) -> dict:
     """A repair record in the shape of a grid cell (what ``replay`` reads)."""
     record = json.loads(Path(path).read_text())
@@ -104,12 +113,8 @@ def replay(cell: dict, data_dir, probe: bool = True) -> dict:
         shifted = terms()
         shifted_model = apply_masks_permanently(model, units, pruned)
     test_set, attack = run.test_set(data_dir), run.attack()
-    test = {}
-    for name, m in (("plain", apply_masks_permanently(model, units, pruned)), ("shifted", shifted_model)):
-        after = metrics.evaluate(m, test_set, attack)
-        test[name] = {"acc": after["acc"], "asr": after["asr"], "drop": cell["acc_before"] - after["acc"],
-                      "der": 100 * metrics.der(cell["acc_before"] / 100, after["acc"] / 100,
-                                               cell["asr_before"] / 100, after["asr"] / 100)}
+    test = {name: test_figures(cell, m, test_set, attack)
+            for name, m in (("plain", apply_masks_permanently(model, units, pruned)), ("shifted", shifted_model))}
     return {"cell": f"{cell['arch']} {cell['attack']} s{cell['seed']}", "pruned": len(pruned),
             "unpruned": ({k: float(v[0]) for k, v in measure.unpruned.items()} if probe else {}) | {
                 "fit_acc": float(fit_accuracy.accuracy(torch.ones_like(keep))[0])},

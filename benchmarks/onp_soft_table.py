@@ -3,22 +3,23 @@ repairs with ``accuracy=soft`` (benchmarks/results/onp-stop37/soft-ARCH-ATTACK.j
 
     python benchmarks/onp_soft_table.py
 """
-import json, glob
+import json
+from pathlib import Path
+
+from refine_steps import target_met as met
+
 grid = {}
 for g in ["grid-cifar10-vgg_small", "grid-cifar10-resnet20"]:
     for l in open(f"benchmarks/results/{g}/results.jsonl"):
         c = json.loads(l)
         if c.get("defense") == "onp" and c["status"] == "ok":
             grid[f"{c['arch']}-{c['attack']}"] = c
-met = lambda asr, drop: asr <= 2 and drop <= 2
 rows = []
 for key in ["vgg_small-badnets", "vgg_small-blended", "vgg_small-wanet", "vgg_small-sig",
             "resnet20-badnets", "resnet20-blended", "resnet20-wanet", "resnet20-sig"]:
     c = grid[key]
-    try:
-        r = json.load(open(f"benchmarks/results/onp-stop37/soft-{key}.json"))
-    except Exception:
-        r = None
+    path = Path(f"benchmarks/results/onp-stop37/soft-{key}.json")
+    r = json.loads(path.read_text()) if path.exists() and path.stat().st_size else None
     gd = c["acc_before"] - c["acc_after"]
     g = f"{c['asr_after']:.2f} / {-gd:.2f} / {c['der']:.2f}" + (" (met)" if met(c['asr_after'], gd) else "")
     if r:

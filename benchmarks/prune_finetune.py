@@ -25,7 +25,6 @@ import copy
 
 import torch
 
-from trojanprune import metrics
 from trojanprune.defenses.base import CleanData
 from trojanprune.defenses.finetune import finetune
 from trojanprune.defenses.fp import Options as FPOptions
@@ -33,7 +32,7 @@ from trojanprune.engine import ChannelMasks, apply_masks_permanently, discover_u
 from trojanprune.runs import load_run
 
 from bn_recalibration import pruned_from_report
-from bn_shift_gate import add_cell_arguments, emit, onp_cells
+from bn_shift_gate import add_cell_arguments, emit, onp_cells, test_figures
 from refine_steps import defender_clean
 
 VARIANTS = ("keep", "update")
@@ -62,14 +61,7 @@ def replay(cell: dict, epochs: int, lr: float, data_dir) -> dict:
     pruned = cell.get("pruned") or pruned_from_report(cell["report"])
     test_set, attack = run.test_set(data_dir), run.attack()
     fp = FPOptions()
-
-    def judged(m) -> dict:
-        after = metrics.evaluate(m, test_set, attack)
-        return {"acc": after["acc"], "asr": after["asr"], "drop": round(cell["acc_before"] - after["acc"], 2),
-                "der": 100 * metrics.der(cell["acc_before"] / 100, after["acc"] / 100,
-                                         cell["asr_before"] / 100, after["asr"] / 100)}
-
-    test = {"pruned": judged(apply_masks_permanently(model, units, pruned))}
+    test = {"pruned": test_figures(cell, apply_masks_permanently(model, units, pruned), test_set, attack)}
     stats = {}
     for variant in VARIANTS:
         tuned = copy.deepcopy(model)
@@ -77,7 +69,7 @@ def replay(cell: dict, epochs: int, lr: float, data_dir) -> dict:
             stats[variant] = finetune(tuned, clean, epochs=epochs, lr=lr, batch_size=fp.batch_size,
                                       seed=cell["seed"], masks=masks, weight_decay=fp.weight_decay,
                                       momentum=fp.momentum, augment=fp.augment, batchnorm=variant)
-            test[variant] = judged(tuned)
+            test[variant] = test_figures(cell, tuned, test_set, attack)
     return {"cell": f"{cell['arch']} {cell['attack']} s{cell['seed']}", "pruned": len(pruned),
             "epochs": epochs, "lr": lr, "test": test,
             "train": {v: {"final_loss": s["final_loss"], "final_train_acc": s["final_train_acc"],

@@ -5,9 +5,18 @@ the count and mean DER per variant.
     python benchmarks/prune_finetune_table.py A.jsonl [B.jsonl ...]
 """
 
-import json, sys
+import json
+import sys
+
+from refine_steps import target_met
+
 rows = [json.loads(l) for f in sys.argv[1:] for l in open(f)]
-def met(v): return v["asr"] <= 2 and v["drop"] <= 2
+
+
+def met(v):
+    return target_met(v["asr"], v["drop"])
+
+
 print("| pruning | channels | pruned: ACC / ASR / drop | fine-tuned, statistics kept | fine-tuned, statistics updated |")
 print("|---|---|---|---|---|")
 for r in rows:

@@ -81,6 +81,11 @@ def record_arguments(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
+def target_met(asr: float, drop: float) -> bool:
+    """Issue 5's target: ASR (%) at most 2 at a test ACC drop (points) of at most 2."""
+    return asr <= 2 and drop <= 2
+
+
 def outcome(before: dict, acc: float, asr: float, base_acc: float) -> dict:
     """ASR %, test ACC drop (points) and DER % of one pruning; the record's ``before`` (the
     unpruned model's ACC and ASR in percent, ``metrics.evaluate``) is the reference."""
@@ -89,7 +94,7 @@ def outcome(before: dict, acc: float, asr: float, base_acc: float) -> dict:
     drop = 100 * (base_acc - acc)
     der = 100 * metrics.der(before["acc"] / 100, before["acc"] / 100 - drop / 100,
                             before["asr"] / 100, asr)
-    return {"asr": 100 * asr, "drop": drop, "der": der, "met": 100 * asr <= 2 and drop <= 2}
+    return {"asr": 100 * asr, "drop": drop, "der": der, "met": target_met(100 * asr, drop)}
 
 
 def summarize(summary) -> list[str]:
