@@ -43,3 +43,17 @@ def backdoor_case(shared_data_dir, tmp_path_factory):
     case = mnist_badnets_case(shared_data_dir)
     assert case.before["asr"] > 90 and case.before["acc"] > 90, case.before
     return case
+
+
+@pytest.fixture(scope="session")
+def wanet_case(shared_data_dir, tmp_path_factory):
+    """The same narrow MNIST model with a WaNet backdoor (a fixed warp, target 0), trained in the
+    test setup (~30 s on one core): :func:`trojanprune.testing.mnist_wanet_case`."""
+    import os
+
+    os.environ.setdefault("TROJANPRUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    from trojanprune.testing import mnist_wanet_case
+
+    case = mnist_wanet_case(shared_data_dir)
+    assert case.before["asr"] > 90 and case.before["acc"] > 90, case.before
+    return case

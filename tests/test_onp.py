@@ -477,7 +477,7 @@ def test_refine_focus_scores_only_the_suspect_classes_the_choice_answered():
 def test_same_seed_same_pruning(backdoor_case):
     case = backdoor_case
     opts = dict(seed=3, episodes=16, episodes_per_update=8, reverse_steps=10, reverse_batch_size=4,
-                feature_steps=20, feature_per_class=3, refine_steps=0, give_back="off")
+                feature_steps=20, feature_per_class=3, warp_steps=10, refine_steps=0, give_back="off")
     a = tp.repair(case.model, case.clean, method="onp", **opts)
     b = tp.repair(case.model, case.clean, method="onp", **opts)
     assert a.pruned == b.pruned
@@ -599,8 +599,9 @@ def test_suspects_probe_scores_every_flagged_trigger(backdoor_case, monkeypatch)
     x, y = case.clean.tensors()
     fit, held = CleanData(x, y, 10).split(0.5, seed=0)
     units = discover_units(case.model, x[:1])
+    # suspect_warps: the warp reverse has its own test (it flags nothing on this BadNets model)
     quick = dict(probe="suspects", reverse_steps=60, reverse_batch_size=4, feature_steps=60,
-                 feature_per_class=5)
+                 feature_per_class=5, suspect_warps=False)
     _report_flags(monkeypatch, "reverse_triggers", [0])
     _report_flags(monkeypatch, "reverse_feature_triggers", [3])
     one_layer = dict(quick, suspect_large_masks=False, suspect_last_layer=False)
@@ -709,7 +710,8 @@ def test_suspects_probe_adds_large_pixel_masks_and_the_last_layer(backdoor_case,
     x, y = case.clean.tensors()
     fit, held = CleanData(x, y, 10).split(0.5, seed=0)
     units = discover_units(case.model, x[:1])
-    quick = dict(reverse_steps=30, reverse_batch_size=4, feature_steps=30, feature_per_class=3)
+    quick = dict(reverse_steps=30, reverse_batch_size=4, feature_steps=30, feature_per_class=3,
+                 suspect_warps=False)
     last = last_conv_layer(units)
     assert last == [g.name for g in units if g.kind == "conv"][-1]
     # the pixel reverse: class 0 a small-mask outlier, class 7 a LARGE-mask one
@@ -878,7 +880,7 @@ def test_feature_probes_run_on_a_concatenating_model():
     x, y = torch.rand(60, 3, 8, 8, generator=g), torch.arange(60) % 10
     for probe_name in ("suspects", "feature-trigger"):
         result = tp.repair(model, (x, y), method="onp", probe=probe_name, episodes=16,
-                           reverse_steps=5, feature_steps=5, feature_per_class=3)
+                           reverse_steps=5, feature_steps=5, feature_per_class=3, warp_steps=5)
         assert result.details["probe"]["feature_reverse"]["layer"] == "conv2"
     signal = dict(zip(result.details["node_features"], range(99)))
     assert "feature_trigger_mask" in signal
@@ -898,3 +900,74 @@ def test_activation_features_of_a_block_applied_twice():
     mean, std, per_image = channel_activations(model, units, x, batch_size=4)
     assert per_image.shape == (7, units.total) and mean.shape == std.shape == (units.total,)
     assert torch.isfinite(per_image).all() and bool((per_image >= 0).all())
+
+
+def test_warp_probe_tracks_a_warping_backdoor(wanet_case):
+    """The reversed-warp probe on a model with a real WaNet backdoor: it names the target, and
+    the channels its signal ranks first carry the real warp (pruning them lowers both its score
+    and the true ASR), while as many random channels leave both."""
+    from trojanprune.defenses.onp import Options
+
+    case = wanet_case
+    x, y = case.clean.tensors()
+    fit, held = CleanData(x, y, 10).split(0.5, seed=0)
+    units = discover_units(case.model, x[:1])
+    p = create_probe("reversed-warp", case.model, units, fit, held,
+                     Options(probe="reversed-warp", warp_steps=30), seed=0)
+    assert p.target == 0 and p.target_source.startswith("flagged"), p.details()
+    assert p.signal().shape == (units.total, 2) and "reversed_warp_displacement" in p.images
+    keep = torch.ones(2, units.total)
+    keep[0, p.signal()[:, 0].argsort(descending=True)[:8]] = 0
+    keep[1, torch.randperm(units.total, generator=torch.Generator().manual_seed(0))[:8]] = 0
+    score = p.score(keep)
+    tx, ty = case.test.tensors()
+    true_asr = MaskEvaluator(case.model, units, case.attack.apply(tx[ty != 0])).target_rate(keep, 0)
+    accuracy = MaskEvaluator(case.model, units, tx, ty).accuracy(keep)
+    assert float(score[0]) < 0.2 and float(true_asr[0]) < 0.1 and float(accuracy[0]) > 0.9
+    assert float(score[1]) > 0.8 and float(true_asr[1]) > 0.8
+    json.dumps(p.details())
+
+
+def test_suspects_probe_adds_the_warp_reverses_flags(wanet_case, backdoor_case, monkeypatch):
+    from trojanprune.defenses.onp import Options
+
+    quick = dict(reverse_steps=30, reverse_batch_size=4, feature_steps=30, feature_per_class=3,
+                 warp_steps=30, suspect_large_masks=False, suspect_last_layer=False)
+    _report_flags(monkeypatch, "reverse_triggers", [])
+    _report_flags(monkeypatch, "reverse_feature_triggers", [3])
+    x, y = wanet_case.clean.tensors()
+    fit, held = CleanData(x, y, 10).split(0.5, seed=0)
+    units = discover_units(wanet_case.model, x[:1])
+    p = create_probe("suspects", wanet_case.model, units, fit, held, Options(**quick), seed=0)
+    layer = p.features.layer
+    # the warp reverse's flag joins the others' (here: a forced feature flag), no vote
+    assert p.suspects == [("warp", 0, None), ("feature", 3, layer)] and p.target is None
+    assert p.details()["warp_reverse"]["flagged"] == [0]
+    assert p.setup_evaluations == p.reversed.evaluations + p.features.evaluations + p.warps.evaluations
+    assert p.signal().shape == (units.total, 4)
+    assert torch.equal(p.signal()[:, :2], p.warp[0].signal())  # the input-space columns
+    assert "reversed_warp_displacement_class0" in p.images
+    # a user target: that class in every space, the warp's too
+    fixed = create_probe("suspects", wanet_case.model, units, fit, held, Options(target=5, **quick), seed=0)
+    assert ("warp", 5, None) in fixed.suspects and fixed.target == 5
+    # off: no warp reverse, no warp suspect
+    off = create_probe("suspects", wanet_case.model, units, fit, held,
+                       Options(suspect_warps=False, **quick), seed=0)
+    assert off.warps is None and off.suspects == [("feature", 3, layer)]
+    assert "warp_reverse" not in off.details()
+    # where the warp reverse flags nothing (a patch backdoor), the probe is what it was without it
+    bx, by = backdoor_case.clean.tensors()
+    bfit, bheld = CleanData(bx, by, 10).split(0.5, seed=0)
+    bunits = discover_units(backdoor_case.model, bx[:1])
+    on = create_probe("suspects", backdoor_case.model, bunits, bfit, bheld, Options(**quick), seed=0)
+    without = create_probe("suspects", backdoor_case.model, bunits, bfit, bheld,
+                           Options(suspect_warps=False, **quick), seed=0)
+    assert on.warps.flagged == [] and on.suspects == without.suspects
+    assert torch.equal(on.signal(), without.signal())
+    masks = torch.ones(2, bunits.total)
+    masks[1, :10] = 0
+    assert torch.equal(on.score(masks), without.score(masks))
+    with pytest.raises(ConfigError, match="warp_steps"):
+        Options(warp_steps=0)
+    with pytest.raises(ConfigError, match="warp_strength"):
+        Options(warp_strength=-1.0)

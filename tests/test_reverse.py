@@ -355,3 +355,80 @@ def test_feature_reverse_writes_only_the_groups_channels_and_leaves_other_activa
     written = ev.edited_logits(pruned, rev.module, writer(full, rev.values, rev.channel_dim, rev.rectify,
                                                           0, rev.channels), grad=False)
     assert torch.allclose(written, ev.logits(pruned), atol=1e-6)
+
+
+# -- warp reverse ----------------------------------------------------------------------------
+
+def test_warp_moves_no_pixel_further_than_its_strength_allows():
+    from trojanprune.reverse.warp import warp_images
+
+    h, w = 16, 24
+    ramp_x = torch.linspace(0, w - 1, w).expand(h, w)  # each pixel's own x coordinate
+    ramp_y = torch.linspace(0, h - 1, h)[:, None].expand(h, w)
+    image = torch.stack([ramp_x, ramp_y])[None]
+    saturated = torch.full((2, 4, 4), 50.0)  # tanh = 1: the largest move the bound allows
+    saturated[:, ::2] = -50.0
+    for strength in (0.5, 1.0, 3.0):
+        moved = warp_images(image, saturated, strength)[0] - image[0]
+        inner = moved[:, 1:-1, 1:-1]  # the border is clamped
+        # a bilinear sample of a ramp is the coordinate it was sampled at: the move itself
+        assert float(inner.abs().max()) <= strength / 2 * (w - 1) / w + 1e-4
+        assert float(inner.abs().max()) > strength / 4  # and it does move
+    assert torch.allclose(warp_images(image, torch.zeros(2, 4, 4), 1.0), image, atol=1e-4)
+
+
+def test_warp_reverse_flags_a_warping_backdoor_and_not_a_patch(wanet_case, backdoor_case):
+    from trojanprune.reverse import reverse_warps
+
+    x, y = wanet_case.clean.tensors()
+    found = reverse_warps(wanet_case.model, x[:250], y[:250], 10, steps=30, seed=0)
+    # the target's warp sends (nearly) every image there; no natural class's half-pixel warp does
+    assert found.target == 0 and found.flagged == [0] and found.verdict == "backdoor detected"
+    assert float(found.attack_success[0]) > 0.9
+    assert float(found.attack_success[1:].max()) < 0.2
+    # the stand-in works on images it was not fitted on
+    held = x[250:][y[250:] != 0]
+    assert float((wanet_case.model(found.apply(held, 0)).argmax(-1) == 0).float().mean()) > 0.9
+    assert found.apply(held[0], 0).shape == held[0].shape
+    assert found.displacement(0, (28, 28)).shape == (1, 28, 28)
+    assert 0 <= float(found.displacement(0, (28, 28)).min()) <= float(found.displacement(0, (28, 28)).max()) <= 1
+    again = reverse_warps(wanet_case.model, x[:250], y[:250], 10, steps=30, seed=0)
+    assert torch.equal(again.controls, found.controls)
+    json.dumps(found.summary())
+    # a patch backdoor is not a warp: nothing flagged
+    bx, by = backdoor_case.clean.tensors()
+    patch = reverse_warps(backdoor_case.model, bx[:250], by[:250], 10, steps=30, seed=0)
+    assert patch.target is None and patch.flagged == [], patch.summary()
+    assert patch.suspect == int(patch.attack_success.argmax())
+
+
+def test_warp_detection_needs_an_outlier_that_works():
+    from trojanprune.reverse.warp import detect_warp_targets
+
+    rates = torch.tensor([0.02, 0.01, 0.03, 0.0, 0.02, 0.01, 0.02, 0.04, 0.01, 0.02])
+    _, flagged, target = detect_warp_targets(torch.cat([torch.tensor([0.3]), rates[1:]]))
+    assert flagged == [] and target is None  # an outlier, but 30% is no backdoor
+    _, flagged, target = detect_warp_targets(torch.cat([torch.tensor([0.95]), rates[1:]]))
+    assert flagged == [0] and target == 0
+    even = torch.tensor([0.9, 0.8, 0.85, 0.95, 0.9, 0.88, 0.92, 0.9, 0.87, 0.91])
+    assert detect_warp_targets(even)[1] == []  # every class easy to reach: no outlier
+
+
+def test_warp_reverse_bad_input():
+    from trojanprune.reverse import reverse_warps
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
+    x, y = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    with pytest.raises(ConfigError, match="at least 2 classes"):
+        reverse_warps(model, x, y, 1)
+    with pytest.raises(ConfigError, match="grid"):
+        reverse_warps(model, x, y, 3, grid=1)
+    with pytest.raises(ConfigError, match="strength"):
+        reverse_warps(model, x, y, 3, strength=0)
+    with pytest.raises(DataError, match="N, C, H, W"):
+        reverse_warps(model, x.flatten(1), y, 3)
+    with pytest.raises(DataError, match="other class"):
+        reverse_warps(model, x, torch.zeros(6, dtype=torch.long), 3)
+    small = reverse_warps(model, x, y, 3, steps=2)
+    with pytest.raises(ConfigError, match="out of range"):
+        small.apply(x, 3)

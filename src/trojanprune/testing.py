@@ -20,7 +20,7 @@ from .utils import derive_seed
 #: reverses than Neural Cleanse's 300 steps x 32 images per class (on the fixture they still flag
 #: the real target, class 0).
 ONP_FIXTURE_OPTIONS = dict(episodes=128, reverse_steps=150, reverse_batch_size=8, feature_steps=150,
-                           feature_per_class=5)
+                           feature_per_class=5, warp_steps=30)
 
 
 def mnist_badnets_case(data_dir: str | Path | None = None) -> SimpleNamespace:
@@ -31,12 +31,24 @@ def mnist_badnets_case(data_dir: str | Path | None = None) -> SimpleNamespace:
     disjoint from the 10,000 the model was trained on: the defender's data), ``test`` (2,000 test
     images), ``train`` (the unpoisoned training subset) and ``before`` (metrics before any defense).
     """
+    return mnist_case("badnets", data_dir)
+
+
+def mnist_wanet_case(data_dir: str | Path | None = None) -> SimpleNamespace:
+    """As :func:`mnist_badnets_case` with WaNet (BackdoorBench's k=4, s=0.5, noise mode, target
+    0, 10% poisoning) instead of BadNets; ~30 s on one core (ASR 96.6%, ACC 97.5%)."""
+    return mnist_case("wanet", data_dir)
+
+
+def mnist_case(attack_name: str, data_dir: str | Path | None = None) -> SimpleNamespace:
+    """The narrow MNIST vgg_small of :func:`mnist_badnets_case` backdoored by ``attack_name``
+    (at the attack's defaults, target 0, 10% poisoning)."""
     full = data.load_dataset("mnist", "train", data_dir=data_dir)
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(derive_seed(0, "t")))
     train_set = full.subset(order[:10000])
     clean = data.clean_subset(full.subset(order[10000:20000]), n=500, seed=0)
     test = data.load_dataset("mnist", "test", data_dir=data_dir).subset(range(0, 10000, 5))
-    attack = attacks.create("badnets", train_set.image_shape, 10, target=0, seed=0)
+    attack = attacks.create(attack_name, train_set.image_shape, 10, target=0, seed=0)
     poisoned, _ = attack.poison(train_set, rate=0.1, seed=1)
     torch.manual_seed(0)
     model = models.create("vgg_small", 10, 1, dataset="mnist", widths=((16, 16), (32, 32), (64, 64)))

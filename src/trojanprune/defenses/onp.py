@@ -164,6 +164,18 @@ class Options:
         0.37 and 0.13 on them and 0.93 on the pixel one. Not the default: the agent then still
         misses (resnet20 BadNets seed 1 93.48%, vgg_small BadNets seed 1 31.44%; BENCHMARKS.md,
         "Stop 29").
+    suspect_warps: suspects probe (ours): a third reverse, one small smooth warp of the image
+        plane per class (:mod:`trojanprune.reverse.warp`); each class it flags (a warp of at
+        most half a pixel that sends at least half of the fit images there, a high-side MAD
+        outlier) is a suspect, its warp the stand-in (True). Why: a warping trigger is
+        neither a patch nor a few channels of one layer; on the resnet20 WaNet zoo model
+        Neural Cleanse flags nothing and the feature triggers were disabled by prunings that
+        left 80% ASR, while the reversed warp sends 100% of the images to the target and the
+        other classes' warps at most 8%, and a pruning that disables it cuts the real
+        trigger's path (BENCHMARKS.md, "Stop 38"). Costs ``warp_steps`` forward/backward
+        passes of about 128 images.
+    warp_steps, warp_strength: the warp reverse's Adam steps (100) and its bound in half
+        pixels (1.0: no pixel moves more than half a pixel along either axis).
     anp_eps, anp_iterations: ANP probe (ANP's 0.4 and 2000).
     unlearn_lr, unlearn_threshold, unlearn_epochs, recover_epochs: unlearn probe (RNP's 0.01,
         0.2, 20, 20).
@@ -299,6 +311,9 @@ class Options:
     suspect_weights: str = "equal"
     suspect_combine: str = "trigger"
     pixel_when_agreed: bool = False
+    suspect_warps: bool = True
+    warp_steps: int = 100
+    warp_strength: float = 1.0
     anp_eps: float = 0.4
     anp_iterations: int = 2000
     unlearn_lr: float = 0.01
@@ -342,9 +357,15 @@ class Options:
         for name in ("target", "reverse_steps", "reverse_batch_size"):
             setattr(self, name, optional_number(getattr(self, name), name, integer=True,
                                                 none_words=("", "auto", "none")))
-        for name in ("confirm_on_all", "suspect_large_masks", "suspect_last_layer", "pixel_when_agreed"):
+        for name in ("confirm_on_all", "suspect_large_masks", "suspect_last_layer", "pixel_when_agreed",
+                     "suspect_warps"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.warp_steps, bool) or not isinstance(self.warp_steps, int) or self.warp_steps < 1:
+            raise ConfigError(f"warp_steps must be an integer >= 1, got {self.warp_steps!r}")
+        if isinstance(self.warp_strength, bool) or not isinstance(self.warp_strength, (int, float)) \
+                or not self.warp_strength > 0:
+            raise ConfigError(f"warp_strength must be a positive number (half pixels), got {self.warp_strength!r}")
         if self.refine_focus not in REFINE_FOCUSES:
             raise ConfigError(f"refine_focus must be one of {', '.join(REFINE_FOCUSES)}; got {self.refine_focus!r}")
         if self.accuracy not in ACCURACY_MEASURES:

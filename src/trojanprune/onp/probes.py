@@ -44,9 +44,11 @@ Built in:
     Blended and SIG.
 ``auto``: both reverses; the feature-space probe when it flags a class the pixel-space reverse
     does not name, else the reversed-trigger probe (:class:`AutoProbe`).
-``suspects`` (default): both reverses (the feature one at two layers), no vote: every class
-    any of them flags is a suspect (pixel space: both sides of the median), each with its own
-    trigger, and the score is the mean of the suspects' scores, so the reward decides which
+``reversed-warp``: as ``reversed-trigger`` with a small smooth warp of the image plane
+    (:func:`trojanprune.reverse.reverse_warps`, ours) as the stand-in (:class:`ReversedWarpProbe`).
+``suspects`` (default): the pixel-space, warp and feature-space reverses (the feature one at
+    two layers), no vote: every class any of them flags is a suspect (pixel space: both sides
+    of the median), each with its own trigger, and the score is the mean of the suspects' scores, so the reward decides which
     triggers a cheap pruning can disable (:class:`SuspectsProbe`). The only probe that brings
     all four backdoors of the CIFAR-10 vgg_small zoo down (ASR 0-4.7%; BENCHMARKS.md).
 ``anp``: Signal: ``1 - m`` for ANP's optimized neuron masks ``m`` (Wu & Wang, NeurIPS 2021;
@@ -177,16 +179,19 @@ class Probe:
 
     def _presume_target(self, reversed_, space: str) -> None:
         """Set :attr:`target` and :attr:`target_source` from a trigger reverse: the user's
-        ``target``, else the class its anomaly index flags, else its smallest mask."""
+        ``target``, else the class its anomaly index flags, else its best guess (``suspect``:
+        the smallest mask, or the warp that succeeds most)."""
         user = self._user_target()
         if user is not None:
             self.target, self.target_source = user, "given by the user (option target)"
         elif reversed_.target is not None:
             self.target, self.target_source = reversed_.target, f"flagged by the MAD anomaly index{space}"
         else:
-            self.target = int(reversed_.mask_norms.argmin())
-            self.target_source = (f"no class flagged by the anomaly index{space}: the class with the "
-                                  "smallest reversed mask (set option target to choose)")
+            self.target = int(reversed_.suspect)
+            guess = ("whose reversed warp succeeds most" if hasattr(reversed_, "controls")
+                     else "with the smallest reversed mask")
+            self.target_source = (f"no class flagged by the anomaly index{space}: the class "
+                                  f"{guess} (set option target to choose)")
 
     def _margin_score(self, logits: torch.Tensor) -> torch.Tensor:
         """(M,) share of images still counted as backdoored: the target logit within
@@ -245,6 +250,16 @@ def pixel_reverse(model: nn.Module, fit: CleanData, options: Any, seed: int, pro
                             seed=derive_seed(seed, "onp-reverse"), progress=progress, **kwargs)
 
 
+def warp_reverse(model: nn.Module, fit: CleanData, options: Any, seed: int, progress: bool):
+    """The warp reverse (:mod:`trojanprune.reverse.warp`) on the fit half, with ONP's options."""
+    from ..reverse import reverse_warps
+
+    return reverse_warps(model, fit.x, fit.y, fit.num_classes,
+                         steps=int(getattr(options, "warp_steps", 100)),
+                         strength=float(getattr(options, "warp_strength", 1.0)),
+                         seed=derive_seed(seed, "onp-warp"), progress=progress)
+
+
 def feature_reverse(model: nn.Module, units: Units, fit: CleanData, options: Any, seed: int,
                     progress: bool, layer: str | None = None):
     """The feature-space reverse on ``feature_per_class`` fit images per class, at ``layer``
@@ -272,11 +287,11 @@ class ReversedTriggerProbe(Probe):
         the class to probe, as the ``suspects`` probe passes them; None = run and presume."""
         super().__init__(model, units, fit, held, options, seed, progress)
         if reversed_ is None:
-            reversed_ = pixel_reverse(model, fit, options, seed, progress)
+            reversed_ = self._reverse()
             self.setup_evaluations += reversed_.evaluations
         self.reversed = reversed_
         if target is None:
-            self._presume_target(self.reversed, "")
+            self._presume_target(self.reversed, self.space)
         else:
             self.target, self.target_source = int(target), "a suspect of the suspects probe"
         t = self.target
@@ -287,9 +302,17 @@ class ReversedTriggerProbe(Probe):
         self._signal = torch.stack([activation_shift(model, units, fit_x, stamped_fit),
                                     margin_taylor(model, units, stamped_fit, t)], 1)
         self.setup_evaluations += 3  # two activation passes and one gradient pass over the fit images
-        self.images = {"reversed_trigger_mask": self.reversed.masks[t].clamp(0, 1),
-                       "reversed_trigger_pattern": (self.reversed.masks[t] * self.reversed.patterns[t]).clamp(0, 1)}
+        self.images = self._report_images(t)
         self.score_margin = float(getattr(options, "score_margin", 2.0))
+
+    space = ""  # how _presume_target names the reverse's space
+
+    def _reverse(self):
+        return pixel_reverse(self.model, self.fit, self.options, self.seed, self.progress)
+
+    def _report_images(self, t: int) -> dict[str, torch.Tensor]:
+        return {"reversed_trigger_mask": self.reversed.masks[t].clamp(0, 1),
+                "reversed_trigger_pattern": (self.reversed.masks[t] * self.reversed.patterns[t]).clamp(0, 1)}
 
     def signal(self) -> torch.Tensor:
         return self._signal
@@ -300,6 +323,32 @@ class ReversedTriggerProbe(Probe):
     def details(self) -> dict[str, Any]:
         return {"probe": self.name, "target": self.target, "target_source": self.target_source,
                 "score_margin": round(self.score_margin, 4), "reverse": self.reversed.summary()}
+
+
+@register_probe
+class ReversedWarpProbe(ReversedTriggerProbe):
+    """Backdoor score = success of the reversed warp (OUR design; :mod:`trojanprune.reverse.warp`).
+
+    As ``reversed-trigger`` with a small smooth warp of the image plane as the stand-in instead
+    of Neural Cleanse's patch: the presumed target is the class the warp reverse flags (a warp
+    of at most half a pixel that sends most fit images there), else the user's ``target``,
+    else the class whose warp succeeds most; the score is the warp's success (with the same
+    margin) on the held-out images not of the target; the signal is the activation shift and
+    the Taylor estimate on the warped fit images.
+    """
+
+    name = "reversed-warp"
+    space = " (warp)"
+
+    def _reverse(self):
+        return warp_reverse(self.model, self.fit, self.options, self.seed, self.progress)
+
+    def _report_images(self, t: int) -> dict[str, torch.Tensor]:
+        return {"reversed_warp_displacement": self.reversed.displacement(t, tuple(self.fit.x.shape[-2:]))}
+
+    def details(self) -> dict[str, Any]:
+        return {"probe": self.name, "target": self.target, "target_source": self.target_source,
+                "score_margin": round(self.score_margin, 4), "warp_reverse": self.reversed.summary()}
 
 
 def per_class_subset(data: CleanData, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -447,7 +496,11 @@ class SuspectsProbe(Probe):
     flagged it too, and without the guess ONP left 84% ASR (45% with it). Uncorroborated, the
     guess is a false suspect that dilutes the score: on the resnet20 WaNet zoo model (smallest
     mask: class 6; the feature reverse flags 0, 2, 8) it raised ONP's ASR from 79% to 97%
-    (BENCHMARKS.md). A user ``target``: that class's trigger in every space and layer.
+    (BENCHMARKS.md). ``suspect_warps``: every class the warp reverse flags is a suspect too,
+    its reversed warp the stand-in; on the resnet20 WaNet zoo model it is the one reverse that
+    names the target with a stand-in a pruning cannot disable without cutting the real
+    trigger's path (BENCHMARKS.md, "Stop 38"). A user ``target``: that class's trigger in
+    every space and layer.
     Score: the MEAN of the suspects' scores (each as in its own probe), so the agent is paid
     for every trigger it disables; the max would hide the progress on the
     real trigger behind a false suspect that no cheap pruning disables. With
@@ -456,8 +509,8 @@ class SuspectsProbe(Probe):
     one (index 8-30 on the zoo's targets). A false suspect's
     natural-feature trigger costs clean accuracy to disable, which the reward weighs. Signal:
     per channel, the largest value over the suspects of each of the two probes' signals
-    (4 columns; zero where a space has no suspect). Costs the three reverses and one scoring
-    pass per suspect.
+    (4 columns: the pixel and warp suspects share the input-space two; zero where a space has
+    no suspect). Costs the four reverses and one scoring pass per suspect.
     """
 
     name = "suspects"
@@ -479,8 +532,10 @@ class SuspectsProbe(Probe):
         self.feature_reverses = [feature_reverse(model, units, fit, options, seed, progress, layer)
                                  for layer in layers]
         self.features = self.feature_reverses[0]
+        self.warps = (warp_reverse(model, fit, options, seed, progress)
+                      if getattr(options, "suspect_warps", True) else None)
         self.setup_evaluations += self.reversed.evaluations + sum(
-            f.evaluations for f in self.feature_reverses)
+            f.evaluations for f in self.feature_reverses) + (self.warps.evaluations if self.warps else 0)
         self.class_accuracy: torch.Tensor | None = None  # on the fit images, when a large mask needs it
         self.large_masks = (self._unrecognised(high_side_outliers(self.reversed.mask_norms,
                                                                   self.reversed.threshold))
@@ -490,11 +545,13 @@ class SuspectsProbe(Probe):
         if user is not None:
             pixel_classes = [user]
             feature_pairs = [(f, user) for f in self.feature_reverses]
+            warp_classes = [user] if self.warps else []
         else:
             pixel_classes = list(self.reversed.flagged) + [c for c in self.large_masks
                                                            if c not in self.reversed.flagged]
             feature_pairs = [(f, c) for f in self.feature_reverses for c in f.flagged]
-            if not pixel_classes and not feature_pairs:
+            warp_classes = list(self.warps.flagged) if self.warps else []
+            if not pixel_classes and not feature_pairs and not warp_classes:
                 flagged = False
         feature_classes = [c for _, c in feature_pairs]
         # Neural Cleanse's target (its smallest flagged mask) when a feature-space reverse
@@ -506,7 +563,7 @@ class SuspectsProbe(Probe):
         if self.agreed:
             # Both spaces name the target: its pixel trigger alone is the stand-in, and the
             # other suspects go (see Options.pixel_when_agreed for why).
-            pixel_classes, feature_pairs = list(self.agreed), []
+            pixel_classes, feature_pairs, warp_classes = list(self.agreed), [], []
         smallest = int(self.reversed.mask_norms.argmin())
         if user is None and not self.reversed.flagged and (not flagged or smallest in feature_classes):
             # Neural Cleanse flags no small mask: its best guess, the smallest mask's class, is a
@@ -515,14 +572,18 @@ class SuspectsProbe(Probe):
             pixel_classes = [smallest] + [c for c in pixel_classes if c != smallest]
         self.pixel = [ReversedTriggerProbe(model, units, fit, held, options, seed, progress,
                                            reversed_=self.reversed, target=c) for c in pixel_classes]
+        self.warp = [ReversedWarpProbe(model, units, fit, held, options, seed, progress,
+                                       reversed_=self.warps, target=c) for c in warp_classes]
         self.feature = [FeatureTriggerProbe(model, units, fit, held, options, seed, progress,
                                             features=f, target=c) for f, c in feature_pairs]
-        self.parts: list[Probe] = self.pixel + self.feature
+        self.parts: list[Probe] = self.pixel + self.warp + self.feature
         self.suspects = ([("pixel", p.target, None) for p in self.pixel]
+                         + [("warp", p.target, None) for p in self.warp]
                          + [("feature", p.target, p.features.layer) for p in self.feature])
         # Each suspect's evidence: its MAD anomaly index in its own reverse. Equal weights when
         # the suspects were not chosen by the index (a user target, or the fallback class).
         evidence = ([float(self.reversed.anomaly_index[c]) for c in pixel_classes]
+                    + [float(self.warps.anomaly_index[c]) for c in warp_classes]
                     + [float(f.anomaly_index[c]) for f, c in feature_pairs])
         by_index = flagged and getattr(options, "suspect_weights", SUSPECT_WEIGHTS[0]) == "anomaly"
         weights = torch.tensor(evidence if by_index else [1.0] * len(self.parts))
@@ -533,13 +594,16 @@ class SuspectsProbe(Probe):
         # flag, or the only suspect class; None when the suspects are different classes.
         # Large-mask suspects are weaker evidence (a naturally hard class is one too), so they
         # do not count here unless nothing else is suspected.
-        small = [c for c in pixel_classes if c not in self.large_masks] or pixel_classes
+        # A warp suspect is input-space evidence, as a pixel one.
+        small = ([c for c in pixel_classes if c not in self.large_masks] or pixel_classes) + warp_classes
         both = [c for c in dict.fromkeys(small) if c in feature_classes]
         classes = set(small) | set(feature_classes)
         self.target = both[0] if both else (classes.pop() if len(classes) == 1 else None)
-        self.images = {f"{name}_class{p.target}": image for p in self.pixel
+        self.images = {f"{name}_class{p.target}": image for p in self.pixel + self.warp
                        for name, image in p.images.items()}
-        self._signal = torch.cat([self._strongest(self.pixel, len(ReversedTriggerProbe.signal_names)),
+        # the warp stand-ins' signals share the pixel ones' columns (both are input-space
+        # triggers: activation shift and Taylor estimate on stamped or warped images)
+        self._signal = torch.cat([self._strongest(self.pixel + self.warp, len(ReversedTriggerProbe.signal_names)),
                                   self._strongest(self.feature, len(FeatureTriggerProbe.signal_names))], 1)
 
     def _unrecognised(self, classes: list[int]) -> list[int]:
@@ -625,6 +689,7 @@ class SuspectsProbe(Probe):
                    if self.class_accuracy is not None else {}),
                 "score": "weighted mean of the suspects' trigger scores",
                 "reverse": self.reversed.summary(), "feature_reverse": self.features.summary(),
+                **({"warp_reverse": self.warps.summary()} if self.warps else {}),
                 **({"feature_reverse_last": self.feature_reverses[1].summary()}
                    if len(self.feature_reverses) > 1 else {})}
 

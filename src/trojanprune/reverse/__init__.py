@@ -5,6 +5,8 @@
 - :func:`reverse_feature_triggers` (``feature.py``): the same idea one layer down, a channel
   mask and values per class at a hidden layer (ours; finds full-image triggers such as WaNet's
   and SIG's, which the pixel-space reverse misses).
+- :func:`reverse_warps` (``warp.py``): one small smooth warp of the image plane per class (ours;
+  finds warping triggers such as WaNet's, which neither of the above models).
 - :func:`synthesize` (``data.py``): DeepInversion-style images per class from the model alone
   (class confidence + BatchNorm statistics + image priors), for data-free defenses.
 - :func:`detect_outlier` / :func:`anomaly_index` (``detect.py``): Neural Cleanse's MAD test;
@@ -18,8 +20,9 @@ from .detect import (ANOMALY_THRESHOLD, LARGE_MASK_ACCURACY_RATIO, Detection, an
                      detect_outlier, high_side_outliers, unrecognised)
 from .feature import FeatureTriggers, reverse_feature_triggers
 from .trigger import ReversedTriggers, reverse_triggers
+from .warp import ReversedWarps, reverse_warps
 
 __all__ = ["ANOMALY_THRESHOLD", "Detection", "FeatureTriggers", "LARGE_MASK_ACCURACY_RATIO",
-           "ReversedTriggers", "SynthesizedData", "anomaly_index", "detect_outlier",
-           "high_side_outliers", "reverse_feature_triggers", "reverse_triggers", "synthesize",
+           "ReversedTriggers", "ReversedWarps", "SynthesizedData", "anomaly_index", "detect_outlier",
+           "high_side_outliers", "reverse_feature_triggers", "reverse_triggers", "reverse_warps", "synthesize",
            "unrecognised"]
