@@ -79,6 +79,9 @@ def main() -> None:
     ap.add_argument("--greedy", type=int, default=8, help="greedy steps (0: none)")
     ap.add_argument("--max-drop", type=float, default=0.02)
     ap.add_argument("--test-images", type=int, default=2000)
+    ap.add_argument("--few-shot", type=int, default=0, metavar="N",
+                    help="instead: the package's reverse_warps at its defaults on N clean images "
+                         "per class (ShapPruning's few-shot setting), its verdict and time")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -93,6 +96,9 @@ def main() -> None:
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     fit, held = order[:250], order[250:]
     classes = int(model(x[:1]).shape[-1])
+    if args.few_shot:
+        few_shot(args, run, model, x, y, classes)
+        return
     lines = [f"{args.run} grid={args.grid} steps={args.steps} per_class={args.per_class} "
              f"true target={attack.target}"]
     print(lines[-1], flush=True)
@@ -153,6 +159,25 @@ def main() -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+def few_shot(args, run, model, x, y, classes: int) -> None:
+    from trojanprune import data
+    from trojanprune.reverse import reverse_warps
+
+    ds = run.record["dataset"]
+    train = data.load_dataset(ds["name"], "train", data_dir=args.data_dir, image_size=ds.get("image_size"))
+    fx, fy = data.clean_subset(train, per_class=args.few_shot, seed=0).tensors()
+    start = time.perf_counter()
+    found = reverse_warps(model, fx, fy, classes, seed=0)
+    summary = found.summary()
+    line = (f"{args.run} few-shot {args.few_shot}/class ({len(fx)} images), true target "
+            f"{run.attack().target}: verdict {summary['verdict']} flagged {summary['flagged']} "
+            f"success {summary['attack_success']} | {time.perf_counter() - start:.0f} s")
+    print(line, flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(line + "\n")
 
 
 if __name__ == "__main__":

@@ -424,7 +424,8 @@ _IMAGE_NAMES = {
     "trigger_pattern": "reversed trigger: pattern",
     "trigger_stamp": "reversed trigger: mask × pattern (what is stamped)",
     "synthetic_images": "synthesized inputs (data-free)",
-    "unused_pixel_trigger_mask": "pixel-space reversed trigger (not used: the feature-space one was): mask",
+    "trigger_warp_displacement": "reversed warp: how far each pixel moves (white: as far as its bound allows)",
+    "unused_pixel_trigger_mask": "pixel-space reversed trigger (not used: another reverse's was): mask",
     "unused_pixel_trigger_pattern": "pixel-space reversed trigger (not used): pattern",
     "unused_pixel_trigger_stamp": "pixel-space reversed trigger (not used): mask × pattern",
 }
@@ -439,6 +440,10 @@ def _caption(name: str) -> str:
         part = "mask" if onp[1] == "mask" else "mask × pattern (what is stamped)"
         who = f" for class {onp[2]}" if onp[2] else ""
         return f"pixel-space reversed trigger{who}: {part}"
+    warp = re.fullmatch(r"reversed_warp_displacement(?:_class(\d+))?", name)
+    if warp:
+        who = f" for class {warp[1]}" if warp[1] else ""
+        return f"reversed warp{who}: how far each pixel moves (white: as far as its bound allows)"
     return name
 
 

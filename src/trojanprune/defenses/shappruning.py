@@ -20,7 +20,9 @@ What is OUR reconstruction (the paper does not publish these details):
 2. Trigger reverse: Neural-Cleanse mask + pattern for every class, all classes in one batched
    problem, adaptive cost schedule (:func:`trojanprune.reverse.reverse_triggers`). By default
    (``reverse="auto"``, ours) a feature-space reverse is consulted where Neural Cleanse's
-   verdict is silent or ambiguous (see ``Options.reverse``).
+   verdict is silent or ambiguous, and where neither flags a class, a warp reverse
+   (:func:`trojanprune.reverse.reverse_warps`, ours: one small smooth warp of the image plane
+   per class) (see ``Options.reverse``).
 3. Detection: MAD anomaly index of the mask L1 norms, threshold 2, low side; the flagged
    class with the smallest norm is the target. Where that flags nothing (and no feature-space
    flag is followed), OUR clean-label rule (``suspect_large_masks``, shared with ONP): a
@@ -85,8 +87,9 @@ from ..engine import MaskEvaluator, apply_masks_permanently, discover_units, tar
 from ..engine.inputs import parse_input_shape, probe_input
 from ..errors import ConfigError, DataError, TrojanPruneError
 from ..metrics import class_accuracies, predict
-from ..reverse import (LARGE_MASK_ACCURACY_RATIO, FeatureTriggers, detect_outlier, high_side_outliers,
-                       reverse_feature_triggers, reverse_triggers, synthesize, unrecognised)
+from ..reverse import (LARGE_MASK_ACCURACY_RATIO, FeatureTriggers, ReversedWarps, detect_outlier,
+                       high_side_outliers, reverse_feature_triggers, reverse_triggers, reverse_warps,
+                       synthesize, unrecognised)
 from ..reverse.feature import default_layer
 from ..shapley import GREEDY_RANKS, estimate_shapley
 from ..utils import derive_seed
@@ -95,7 +98,7 @@ from .base import CleanData, Defense, RepairResult, optional_number
 
 _VALUES = ("margin", "success")
 _KINDS = ("conv", "linear", "any")
-_REVERSES = ("pixel", "auto", "feature")
+_REVERSES = ("pixel", "auto", "feature", "warp")
 
 
 @dataclass
@@ -123,8 +126,10 @@ class Options:
         force: prune even when no backdoor is detected, treating the class with the smallest
             reversed mask as the target (False).
         reverse: "auto" (default, OURS), "pixel" (the paper's Neural-Cleanse-style reverse
-            alone) or "feature" (OURS: the feature-space reverse of
-            :func:`trojanprune.reverse.reverse_feature_triggers` alone). "auto" runs the
+            alone), "feature" (OURS: the feature-space reverse of
+            :func:`trojanprune.reverse.reverse_feature_triggers` alone) or "warp" (OURS: the
+            warp reverse of :func:`trojanprune.reverse.reverse_warps` alone, the game played
+            on the target's reversed warp). "auto" runs the
             paper's reverse first; when its MAD test flags exactly one class, that is the
             verdict and nothing else runs. When it flags no class or several, the feature-space
             reverse is consulted on the same images, and its flag is followed (the game is
@@ -137,6 +142,12 @@ class Options:
             it flagged the target, a wrong class, or nothing on different machines, while the
             feature reverse flagged the target both times it was run there (BENCHMARKS.md).
             Where Neural Cleanse is unambiguous, "auto" is the paper's method at its cost.
+            Where neither of the two flags a class, "auto" runs the warp reverse (a universal
+            warp of at most half a pixel per class; a class it sends most images to is
+            flagged) and plays the game on the flagged class's warp. Why: on the resnet20 WaNet
+            zoo model both other reverses are silent on the few images, while the target's
+            half-pixel warp sends every image to it and the other classes' at most a few
+            (BENCHMARKS.md, "Stop 38").
         feature_steps: Adam steps of the feature-space reverse (300, ours).
         suspect_large_masks: where the low-side test flags no class and no feature-space flag
             is followed, a class whose pixel mask is a HIGH-side MAD outlier (index > the
@@ -426,13 +437,29 @@ class ShapPruning(Defense):
         elif o.reverse == "auto":
             details["feature_reverse"] = {"skipped": f"the pixel-space reverse flags one class "
                                           f"({rev.target}), so it decides"}
+        if o.reverse == "warp" or (o.reverse == "auto" and not isinstance(rev, FeatureTriggers)
+                                   and not rev.flagged):
+            start = time.perf_counter()
+            warps = reverse_warps(model, x, y, k, seed=derive_seed(self.seed, "warp reverse"),
+                                  progress=self.progress, device=self.device,
+                                  anomaly_threshold=o.anomaly_threshold)
+            seconds["warp_reverse"] = time.perf_counter() - start
+            evals["warp_reverse"] = warps.evaluations
+            details["warp_reverse"] = warps.summary()
+            if o.reverse == "warp" or warps.target is not None:
+                rev = warps
+                for key in [key for key in images if key.startswith("trigger_")]:
+                    images[f"unused_pixel_{key}"] = images.pop(key)
+                images["trigger_warp_displacement"] = warps.displacement(warps.suspect, tuple(x.shape[-2:]))
+                details["trigger"] = _trigger_summary(rev, space="warp")
         if clean is not None and o.suspect_large_masks and not (
-                isinstance(rev, FeatureTriggers) or rev.flagged):
+                isinstance(rev, (FeatureTriggers, ReversedWarps)) or rev.flagged):
             rev = _clean_label_target(model, rev, x, y, k, o, details, evals)
             if rev.target is not None:  # the game is played on that class's trigger
                 images.update(_trigger_images(rev))
                 details["trigger"] = _trigger_summary(rev, source="large mask, clean-label rule")
-        details["trigger_space"] = "feature" if isinstance(rev, FeatureTriggers) else "pixel"
+        details["trigger_space"] = ("feature" if isinstance(rev, FeatureTriggers)
+                                    else "warp" if isinstance(rev, ReversedWarps) else "pixel")
 
         result = RepairResult(model=model, method=self.name, verdict=rev.verdict,
                               target=rev.target, details=details, total_units=all_units.total,
@@ -444,7 +471,9 @@ class ShapPruning(Defense):
         target = rev.suspect
         if rev.target is None:
             details["forced"] = (f"no backdoor detected; force=True: pruning for class {target}, "
-                                 "the class with the smallest reversed mask")
+                                 + ("the class whose reversed warp succeeds most"
+                                    if isinstance(rev, ReversedWarps)
+                                    else "the class with the smallest reversed mask"))
 
         # -- Shapley estimation -------------------------------------------------------------
         top_k = o.top_k or max(10, 2 * budget)
@@ -456,7 +485,7 @@ class ShapPruning(Defense):
             trig = _WrittenTrigger(MaskEvaluator(model, units, x[victims]), rev, target)
         else:
             stamped = rev.apply(x[victims], target)
-            if o.trigger_pool > 1:
+            if o.trigger_pool > 1 and not isinstance(rev, ReversedWarps):  # a pool of patches
                 stamped = torch.cat([stamped, self._trigger_pool(model, x, y, k, target, details,
                                                                  evals, seconds)])
             trig = MaskEvaluator(model, units, stamped)
@@ -488,7 +517,7 @@ class ShapPruning(Defense):
                                + plain.evaluations + (fidelity.evaluations if fidelity else 0))
         seconds["mitigation"] = time.perf_counter() - start
         details["mitigation"] = mitigation
-        if o.recheck and not isinstance(rev, FeatureTriggers):
+        if o.recheck and not isinstance(rev, (FeatureTriggers, ReversedWarps)):
             start = time.perf_counter()
             evaluators = (plain, guard) + ((fidelity,) if fidelity else ())
             before = sum(e.evaluations for e in evaluators)
@@ -681,10 +710,11 @@ def _trigger_images(rev) -> dict[str, torch.Tensor]:
 
 
 def _trigger_summary(rev, **extra) -> dict:
-    """The trigger the game is played on: a pixel-space or a feature-space reverse's suspect."""
+    """The trigger the game is played on: a pixel-space, feature-space or warp reverse's suspect."""
     k = rev.suspect
-    return {"class": k, "flagged": rev.target is not None, **extra,
-            "mask_norm": float(rev.mask_norms[k]), "attack_success": float(rev.attack_success[k])}
+    size = {} if isinstance(rev, ReversedWarps) else {"mask_norm": float(rev.mask_norms[k])}
+    return {"class": k, "flagged": rev.target is not None, **extra, **size,
+            "attack_success": float(rev.attack_success[k])}
 
 
 class _WrittenTrigger:
