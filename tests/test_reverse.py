@@ -412,6 +412,24 @@ def test_warp_detection_needs_an_outlier_that_works():
     assert flagged == [0] and target == 0
     even = torch.tensor([0.9, 0.8, 0.85, 0.95, 0.9, 0.88, 0.92, 0.9, 0.87, 0.91])
     assert detect_warp_targets(even)[1] == []  # every class easy to reach: no outlier
+    assert detect_warp_targets(torch.tensor([0.0, 1.0]))[1] == []  # two classes: no outlier
+
+
+def test_warp_reverse_does_not_flag_a_class_the_model_predicts_without_a_warp():
+    """A model that sends almost every input to one class needs no warp for it: detection is on
+    the warp's lift over the unwarped rate, not on its success."""
+    from trojanprune.reverse import reverse_warps
+
+    torch.manual_seed(0)
+    sink = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 5))
+    with torch.no_grad():
+        sink[-1].bias.copy_(torch.tensor([5.0, 0, 0, 0, 0]))
+    x, y = torch.rand(40, 3, 8, 8), torch.arange(40) % 5
+    found = reverse_warps(sink, x, y, 5, steps=5)
+    assert float(found.attack_success[0]) > 0.9 and float(found.base_rate[0]) > 0.9
+    assert found.flagged == [] and found.target is None
+    assert torch.allclose(found.lift, found.attack_success - found.base_rate)
 
 
 def test_warp_reverse_bad_input():

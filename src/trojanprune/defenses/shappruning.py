@@ -20,9 +20,9 @@ What is OUR reconstruction (the paper does not publish these details):
 2. Trigger reverse: Neural-Cleanse mask + pattern for every class, all classes in one batched
    problem, adaptive cost schedule (:func:`trojanprune.reverse.reverse_triggers`). By default
    (``reverse="auto"``, ours) a feature-space reverse is consulted where Neural Cleanse's
-   verdict is silent or ambiguous, and where neither flags a class, a warp reverse
-   (:func:`trojanprune.reverse.reverse_warps`, ours: one small smooth warp of the image plane
-   per class) (see ``Options.reverse``).
+   verdict is silent or ambiguous, and where no reverse nor the clean-label rule below names a
+   target, a warp reverse (:func:`trojanprune.reverse.reverse_warps`, ours: one small smooth
+   warp of the image plane per class) (see ``Options.reverse``).
 3. Detection: MAD anomaly index of the mask L1 norms, threshold 2, low side; the flagged
    class with the smallest norm is the target. Where that flags nothing (and no feature-space
    flag is followed), OUR clean-label rule (``suspect_large_masks``, shared with ONP): a
@@ -142,9 +142,10 @@ class Options:
             it flagged the target, a wrong class, or nothing on different machines, while the
             feature reverse flagged the target both times it was run there (BENCHMARKS.md).
             Where Neural Cleanse is unambiguous, "auto" is the paper's method at its cost.
-            Where neither of the two flags a class, "auto" runs the warp reverse (a universal
-            warp of at most half a pixel per class; a class it sends most images to is
-            flagged) and plays the game on the flagged class's warp. Why: on the resnet20 WaNet
+            Where neither of the two nor the clean-label rule (``suspect_large_masks``) names a
+            target, "auto" runs the warp reverse (a universal warp of at most half a pixel per
+            class; a class it sends most images to is flagged) and plays the game on the
+            flagged class's warp. Why: on the resnet20 WaNet
             zoo model both other reverses are silent on the few images, while the target's
             half-pixel warp sends every image to it and the other classes' at most a few
             (BENCHMARKS.md, "Stop 38").
@@ -437,8 +438,15 @@ class ShapPruning(Defense):
         elif o.reverse == "auto":
             details["feature_reverse"] = {"skipped": f"the pixel-space reverse flags one class "
                                           f"({rev.target}), so it decides"}
+        if o.reverse != "warp" and clean is not None and o.suspect_large_masks and not (
+                isinstance(rev, FeatureTriggers) or rev.flagged):
+            rev = _clean_label_target(model, rev, x, y, k, o, details, evals)
+            if rev.target is not None:  # the game is played on that class's trigger
+                images.update(_trigger_images(rev))
+                details["trigger"] = _trigger_summary(rev, source="large mask, clean-label rule")
         if o.reverse == "warp" or (o.reverse == "auto" and not isinstance(rev, FeatureTriggers)
-                                   and not rev.flagged):
+                                   and rev.target is None):
+            # last, as the most expensive reverse here: nothing else named a target
             start = time.perf_counter()
             warps = reverse_warps(model, x, y, k, seed=derive_seed(self.seed, "warp reverse"),
                                   progress=self.progress, device=self.device,
@@ -452,12 +460,6 @@ class ShapPruning(Defense):
                     images[f"unused_pixel_{key}"] = images.pop(key)
                 images["trigger_warp_displacement"] = warps.displacement(warps.suspect, tuple(x.shape[-2:]))
                 details["trigger"] = _trigger_summary(rev, space="warp")
-        if clean is not None and o.suspect_large_masks and not (
-                isinstance(rev, (FeatureTriggers, ReversedWarps)) or rev.flagged):
-            rev = _clean_label_target(model, rev, x, y, k, o, details, evals)
-            if rev.target is not None:  # the game is played on that class's trigger
-                images.update(_trigger_images(rev))
-                details["trigger"] = _trigger_summary(rev, source="large mask, clean-label rule")
         details["trigger_space"] = ("feature" if isinstance(rev, FeatureTriggers)
                                     else "warp" if isinstance(rev, ReversedWarps) else "pixel")
 
@@ -471,7 +473,7 @@ class ShapPruning(Defense):
         target = rev.suspect
         if rev.target is None:
             details["forced"] = (f"no backdoor detected; force=True: pruning for class {target}, "
-                                 + ("the class whose reversed warp succeeds most"
+                                 + ("the class whose reversed warp lifts its rate most"
                                     if isinstance(rev, ReversedWarps)
                                     else "the class with the smallest reversed mask"))
 

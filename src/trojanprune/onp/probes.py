@@ -188,7 +188,7 @@ class Probe:
             self.target, self.target_source = reversed_.target, f"flagged by the MAD anomaly index{space}"
         else:
             self.target = int(reversed_.suspect)
-            guess = ("whose reversed warp succeeds most" if hasattr(reversed_, "controls")
+            guess = ("whose reversed warp lifts its rate most" if hasattr(reversed_, "controls")
                      else "with the smallest reversed mask")
             self.target_source = (f"no class flagged by the anomaly index{space}: the class "
                                   f"{guess} (set option target to choose)")

@@ -20,11 +20,14 @@ more than ``strength / 2`` pixels along either axis (``strength / W`` in ``grid_
 
 The budget is fixed rather than minimized (Neural Cleanse minimizes its mask's norm): a
 universal warp of at most half a pixel that sends most images to one class is a shortcut the
-model learned, not a natural feature; on the CIFAR-10 zoo the natural classes reach 0-8%
-within it and a warping backdoor's target 100% (``benchmarks/warp_reverse.py``). Detection: the
-classes whose success is a high-side MAD outlier (index > 2, the same test as Neural Cleanse's,
-other side) AND at least ``min_success`` (0.5); the MAD alone would flag a class at 10% among
-classes at 1-5%. The flagged class with the highest success is the target.
+model learned, not a natural feature; on the CIFAR-10 zoo the natural classes reach 0-9%
+within it and a warping backdoor's target 100% (``benchmarks/warp_reverse.py``). Detection is
+on each warp's *lift*: its success minus the share of the same images the model already sends
+to the class unwarped (a model that sends most inputs to one class needs no warp for it). The
+classes whose lift is a high-side MAD outlier (index > 2, the same test as Neural Cleanse's,
+other side) AND at least ``min_success`` (0.5) are flagged; the MAD alone would flag a class at
+10% among classes at 1-5%. The flagged class with the highest lift is the target. With fewer
+than 3 classes nothing is flagged (the MAD cannot single out one of two).
 
 Choices (ours): ``grid=4`` (WaNet's published control grid is 4x4; a finer warp is still
 reachable in part by a 4x4 one), ``strength=1`` (half a pixel: WaNet's default warp moves
@@ -73,13 +76,19 @@ class ReversedWarps:
     controls: torch.Tensor        # (K, 2, g, g), unbounded (tanh bounds them)
     strength: float
     attack_success: torch.Tensor  # (K,) on the images not of class k
-    anomaly_index: torch.Tensor   # (K,) MAD index of the success rates (high side suspicious)
+    anomaly_index: torch.Tensor   # (K,) MAD index of the lifts (high side suspicious)
     target: int | None
     evaluations: int
     steps: int
     flagged: list[int] = field(default_factory=list)
     threshold: float = ANOMALY_THRESHOLD
     min_success: float = MIN_SUCCESS
+    base_rate: torch.Tensor | None = None  # (K,) the same images sent to k without a warp
+
+    @property
+    def lift(self) -> torch.Tensor:
+        """(K,) each warp's success minus the unwarped rate on the same images."""
+        return self.attack_success - (self.base_rate if self.base_rate is not None else 0)
 
     @property
     def num_classes(self) -> int:
@@ -91,8 +100,8 @@ class ReversedWarps:
 
     @property
     def suspect(self) -> int:
-        """The flagged target, else the class whose warp succeeds most."""
-        return self.target if self.target is not None else int(self.attack_success.argmax())
+        """The flagged target, else the class whose warp lifts its rate most."""
+        return self.target if self.target is not None else int(self.lift.argmax())
 
     def apply(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """Images ``x`` (N, C, H, W) or (C, H, W) warped by class ``k``'s reversed warp."""
@@ -114,15 +123,19 @@ class ReversedWarps:
                 "threshold": self.threshold, "min_success": self.min_success,
                 "strength": self.strength, "grid": int(self.controls.shape[-1]),
                 "attack_success": [round(float(v), 4) for v in self.attack_success],
+                **({"base_rate": [round(float(v), 4) for v in self.base_rate]}
+                   if self.base_rate is not None else {}),
                 "anomaly_index": [round(float(v), 3) for v in self.anomaly_index],
                 "steps": self.steps, "evaluations": self.evaluations}
 
 
 def detect_warp_targets(success: torch.Tensor, threshold: float = ANOMALY_THRESHOLD,
                         min_success: float = MIN_SUCCESS) -> tuple[torch.Tensor, list[int], int | None]:
-    """(anomaly index, flagged classes, target) for per-class warp success rates."""
+    """(anomaly index, flagged classes, target) for per-class warp lifts (or success rates)."""
     success = torch.as_tensor(success, dtype=torch.float64).flatten()
     index = anomaly_index(success)
+    if len(success) < 3:  # two values are equally far from their median: no outlier
+        return index, [], None
     median = success.median()
     flagged = [k for k in range(len(success)) if float(success[k]) > float(median)
                and float(index[k]) > threshold and float(success[k]) >= min_success]
@@ -146,7 +159,7 @@ def reverse_warps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classe
         strength: the largest move along either axis, in half pixels (see module doc).
         steps, lr: Adam steps and learning rate on the control fields.
         pairs_per_step: (class, image) pairs per step, split evenly over the classes (at least
-            two images per class).
+            two images per class, at most as many as the class has images of other classes).
         anomaly_threshold, min_success: the detection (see module doc).
         pass_images: at most this many images per forward/backward pass (None: as many as fit
             the memory budget, :mod:`trojanprune.engine.memory`).
@@ -169,7 +182,8 @@ def reverse_warps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classe
         raise DataError("reverse_warps needs, for every class, images of some other class")
     model = channels_last_copy(model, x[:8])
     per_pass = pass_images or images_per_pass(model, x)
-    per_class = max(2, pairs_per_step // num_classes)
+    # no more draws per class than it has images (ten few-shot images: 9 a class, not 12)
+    per_class = max(2, min(pairs_per_step // num_classes, min(len(p) for p in pools)))
     gen = torch.Generator().manual_seed(int(seed))
     controls = (0.01 * torch.randn(num_classes, 2, grid, grid, generator=gen)).to(device)
     controls.requires_grad_(True)
@@ -197,22 +211,25 @@ def reverse_warps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classe
                 opt.step()
                 bar.advance(task)
         with torch.no_grad():
-            success = torch.zeros(num_classes)
+            success, base = torch.zeros(num_classes), torch.zeros(num_classes)
+            plain = torch.cat([model(x[s:s + 256]).argmax(-1) for s in range(0, len(x), 256)])
             for k, pool in enumerate(pools):
                 hits = 0
                 for s in range(0, len(pool), 256):
                     warped = warp_images(x[pool[s:s + 256]], controls[k], strength)
                     hits += int((model(warped).argmax(-1) == k).sum())
                 success[k] = hits / len(pool)
+                base[k] = float((plain[pool] == k).float().mean())
     finally:
         for module, flag in flags.items():
             module.training = flag
         controls.grad = None
-    index, flagged, target = detect_warp_targets(success, anomaly_threshold, min_success)
+    index, flagged, target = detect_warp_targets(success - base, anomaly_threshold, min_success)
     return ReversedWarps(controls=controls.detach().cpu(), strength=float(strength),
                          attack_success=success, anomaly_index=index, target=target,
-                         evaluations=num_classes * (steps + 1), steps=steps, flagged=flagged,
-                         threshold=float(anomaly_threshold), min_success=float(min_success))
+                         evaluations=num_classes * (steps + 1) + 1, steps=steps, flagged=flagged,
+                         threshold=float(anomaly_threshold), min_success=float(min_success),
+                         base_rate=base)
 
 
 __all__ = ["MIN_SUCCESS", "ReversedWarps", "detect_warp_targets", "reverse_warps", "warp_images"]
