@@ -145,7 +145,8 @@ class Options:
             Where neither of the two nor the clean-label rule (``suspect_large_masks``) names a
             target, "auto" runs the warp reverse (a universal warp of at most half a pixel per
             class; a class it sends most images to is flagged) and plays the game on the
-            flagged class's warp. Why: on the resnet20 WaNet
+            flagged class's warp (not in data-free mode, where the images are synthesized:
+            ``reverse="warp"`` asks for it there). Why: on the resnet20 WaNet
             zoo model both other reverses are silent on the few images, while the target's
             half-pixel warp sends every image to it and the other classes' at most a few
             (BENCHMARKS.md, "Stop 38").
@@ -444,9 +445,11 @@ class ShapPruning(Defense):
             if rev.target is not None:  # the game is played on that class's trigger
                 images.update(_trigger_images(rev))
                 details["trigger"] = _trigger_summary(rev, source="large mask, clean-label rule")
-        if o.reverse == "warp" or (o.reverse == "auto" and not isinstance(rev, FeatureTriggers)
-                                   and rev.target is None):
-            # last, as the most expensive reverse here: nothing else named a target
+        if o.reverse == "warp" or (o.reverse == "auto" and clean is not None
+                                   and not isinstance(rev, FeatureTriggers) and rev.target is None):
+            # last, as the most expensive reverse here: nothing else named a target. Not on
+            # synthesized images (data-free): the test asks what a half-pixel warp does to
+            # natural images, and it was not measured on synthesized ones
             start = time.perf_counter()
             warps = reverse_warps(model, x, y, k, seed=derive_seed(self.seed, "warp reverse"),
                                   progress=self.progress, device=self.device,
