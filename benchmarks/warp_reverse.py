@@ -39,7 +39,11 @@ from trojanprune.reverse.detect import anomaly_index
 
 
 def warp(x: torch.Tensor, control: torch.Tensor, strength: float) -> torch.Tensor:
-    """``x`` (N, C, H, W) warped by ``control`` (2, g, g) (unbounded; tanh bounds it)."""
+    """``x`` (N, C, H, W) warped by ``control`` (2, g, g) (unbounded; tanh bounds it).
+
+    The prototype the diagnosis tables were made with, kept so that they reproduce; the
+    package's :func:`trojanprune.reverse.warp.warp_images` grew out of it (same field and bound
+    on square images; border padding, and per-axis scaling for non-square ones)."""
     h, w = x.shape[-2:]
     field = F.interpolate(torch.tanh(control)[None], size=(h, w), mode="bicubic",
                           align_corners=True)[0].permute(1, 2, 0)
