@@ -48,9 +48,11 @@ Built in:
     (:func:`trojanprune.reverse.reverse_warps`, ours) as the stand-in (:class:`ReversedWarpProbe`).
 ``suspects`` (default): the pixel-space, warp and feature-space reverses (the feature one at
     two layers), no vote: every class any of them flags is a suspect (pixel space: both sides
-    of the median), each with its own trigger, and the score is the mean of the suspects' scores, so the reward decides which
-    triggers a cheap pruning can disable (:class:`SuspectsProbe`). The only probe that brings
-    all four backdoors of the CIFAR-10 vgg_small zoo down (ASR 0-4.7%; BENCHMARKS.md).
+    of the median), each with its own trigger, and the score is the mean of the suspects'
+    scores, so the reward decides which triggers a cheap pruning can disable
+    (:class:`SuspectsProbe`). The only probe that brings all four backdoors of the CIFAR-10
+    vgg_small zoo down (ASR 0-4.7%; BENCHMARKS.md), and with the warp suspects (stop 38) all
+    four of resnet20 too.
 ``anp``: Signal: ``1 - m`` for ANP's optimized neuron masks ``m`` (Wu & Wang, NeurIPS 2021;
     :func:`trojanprune.defenses.neuron_perturbation.anp_mask_scores` on the fit half; low mask
     = sensitive to adversarial neuron perturbation = suspect). Score: the share of the excess
@@ -136,6 +138,7 @@ class Probe:
 
     name: ClassVar[str]
     signal_names: tuple[str, ...] = ()
+    guess: ClassVar[str] = "with the smallest reversed mask"  # _presume_target's fallback, named
 
     def __init__(self, model: nn.Module, units: Units, fit: CleanData, held: CleanData,
                  options: Any, seed: int = 0, progress: bool = False):
@@ -180,7 +183,7 @@ class Probe:
     def _presume_target(self, reversed_, space: str) -> None:
         """Set :attr:`target` and :attr:`target_source` from a trigger reverse: the user's
         ``target``, else the class its anomaly index flags, else its best guess (``suspect``:
-        the smallest mask, or the warp that succeeds most)."""
+        the smallest mask, or the warp that lifts its class's rate most)."""
         user = self._user_target()
         if user is not None:
             self.target, self.target_source = user, "given by the user (option target)"
@@ -188,10 +191,8 @@ class Probe:
             self.target, self.target_source = reversed_.target, f"flagged by the MAD anomaly index{space}"
         else:
             self.target = int(reversed_.suspect)
-            guess = ("whose reversed warp lifts its rate most" if hasattr(reversed_, "controls")
-                     else "with the smallest reversed mask")
             self.target_source = (f"no class flagged by the anomaly index{space}: the class "
-                                  f"{guess} (set option target to choose)")
+                                  f"{self.guess} (set option target to choose)")
 
     def _margin_score(self, logits: torch.Tensor) -> torch.Tensor:
         """(M,) share of images still counted as backdoored: the target logit within
@@ -332,13 +333,14 @@ class ReversedWarpProbe(ReversedTriggerProbe):
     As ``reversed-trigger`` with a small smooth warp of the image plane as the stand-in instead
     of Neural Cleanse's patch: the presumed target is the class the warp reverse flags (a warp
     of at most half a pixel that sends most fit images there), else the user's ``target``,
-    else the class whose warp succeeds most; the score is the warp's success (with the same
+    else the class whose warp lifts its rate most; the score is the warp's success (with the same
     margin) on the held-out images not of the target; the signal is the activation shift and
     the Taylor estimate on the warped fit images.
     """
 
     name = "reversed-warp"
     space = " (warp)"
+    guess = "whose reversed warp lifts its rate most"
 
     def _reverse(self):
         return warp_reverse(self.model, self.fit, self.options, self.seed, self.progress)
