@@ -173,7 +173,7 @@ class Options:
         left 80% ASR, while the reversed warp sends 100% of the images to the target and the
         other classes' warps at most 8%, and a pruning that disables it cuts the real
         trigger's path (BENCHMARKS.md, "Stop 38"). Costs ``warp_steps`` forward/backward
-        passes of about 128 images.
+        passes of about 256 images.
     warp_steps, warp_strength: the warp reverse's Adam steps (100) and its bound in half
         pixels (1.0: no pixel moves more than half a pixel along either axis).
     anp_eps, anp_iterations: ANP probe (ANP's 0.4 and 2000).
