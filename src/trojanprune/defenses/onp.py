@@ -171,7 +171,7 @@ class Options:
         neither a patch nor a few channels of one layer; on the resnet20 WaNet zoo model
         Neural Cleanse flags nothing and the feature triggers were disabled by prunings that
         left 80% ASR, while the reversed warp sends 100% of the images to the target and the
-        other classes' warps at most 8%, and a pruning that disables it cuts the real
+        other classes' warps at most 9%, and a pruning that disables it cuts the real
         trigger's path (BENCHMARKS.md, "Stop 38"). Costs ``warp_steps`` forward/backward
         passes of about 256 images.
     warp_steps, warp_strength: the warp reverse's Adam steps (100) and its bound in half
