@@ -96,13 +96,13 @@ def main() -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     attack = run.attack()
+    if args.few_shot:
+        few_shot(args, run, model)
+        return
     x, y = defender_clean(run, {"clean_images": 500, "seed": 0}, {}, args.data_dir)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     fit, held = order[:250], order[250:]
     classes = int(model(x[:1]).shape[-1])
-    if args.few_shot:
-        few_shot(args, run, model, x, y, classes)
-        return
     lines = [f"{args.run} grid={args.grid} steps={args.steps} per_class={args.per_class} "
              f"true target={attack.target}"]
     print(lines[-1], flush=True)
@@ -165,13 +165,14 @@ def main() -> None:
         Path(args.out).write_text("\n".join(lines) + "\n")
 
 
-def few_shot(args, run, model, x, y, classes: int) -> None:
+def few_shot(args, run, model) -> None:
     from trojanprune import data
     from trojanprune.reverse import reverse_warps
 
     ds = run.record["dataset"]
     train = data.load_dataset(ds["name"], "train", data_dir=args.data_dir, image_size=ds.get("image_size"))
     fx, fy = data.clean_subset(train, per_class=args.few_shot, seed=0).tensors()
+    classes = int(model(fx[:1]).shape[-1])
     start = time.perf_counter()
     found = reverse_warps(model, fx, fy, classes, seed=0)
     summary = found.summary()

@@ -35,25 +35,23 @@ def backdoor_case(shared_data_dir, tmp_path_factory):
     """A model that really carries a backdoor, trained in the test setup (~15 s on one core):
     :func:`trojanprune.testing.mnist_badnets_case` (MNIST, BadNets, target 0), with its 500 clean
     training images (the defender's data), 2,000 test images and the metrics before any defense."""
-    import os
-
-    os.environ.setdefault("TROJANPRUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
-    from trojanprune.testing import mnist_badnets_case
-
-    case = mnist_badnets_case(shared_data_dir)
-    assert case.before["asr"] > 90 and case.before["acc"] > 90, case.before
-    return case
+    return _trained_case("badnets", shared_data_dir, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def wanet_case(shared_data_dir, tmp_path_factory):
     """The same narrow MNIST model with a WaNet backdoor (a fixed warp, target 0), trained in the
     test setup (~30 s on one core): :func:`trojanprune.testing.mnist_wanet_case`."""
+    return _trained_case("wanet", shared_data_dir, tmp_path_factory)
+
+
+def _trained_case(attack: str, shared_data_dir, tmp_path_factory):
+    """:func:`trojanprune.testing.mnist_case` for ``attack``, checked to really carry it."""
     import os
 
     os.environ.setdefault("TROJANPRUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
-    from trojanprune.testing import mnist_wanet_case
+    from trojanprune.testing import mnist_case
 
-    case = mnist_wanet_case(shared_data_dir)
+    case = mnist_case(attack, shared_data_dir)
     assert case.before["asr"] > 90 and case.before["acc"] > 90, case.before
     return case

@@ -432,9 +432,7 @@ class ShapPruning(Defense):
             details["feature_reverse"] = feature.summary()
             if o.reverse == "feature" or _follow_feature(rev, feature):
                 rev = feature
-                for key in ("trigger_mask", "trigger_pattern", "trigger_stamp"):
-                    # the pixel reverse's images are of another class; kept, named as unused
-                    images[f"unused_pixel_{key}"] = images.pop(key)
+                _set_aside_pixel_images(images)
                 details["trigger"] = _trigger_summary(rev, space="feature", layer=feature.layer)
         elif o.reverse == "auto":
             details["feature_reverse"] = {"skipped": f"the pixel-space reverse flags one class "
@@ -459,8 +457,7 @@ class ShapPruning(Defense):
             details["warp_reverse"] = warps.summary()
             if o.reverse == "warp" or warps.target is not None:
                 rev = warps
-                for key in [key for key in images if key.startswith("trigger_")]:
-                    images[f"unused_pixel_{key}"] = images.pop(key)
+                _set_aside_pixel_images(images)
                 images["trigger_warp_displacement"] = warps.displacement(warps.suspect, tuple(x.shape[-2:]))
                 details["trigger"] = _trigger_summary(rev, space="warp")
         details["trigger_space"] = ("feature" if isinstance(rev, FeatureTriggers)
@@ -476,9 +473,7 @@ class ShapPruning(Defense):
         target = rev.suspect
         if rev.target is None:
             details["forced"] = (f"no backdoor detected; force=True: pruning for class {target}, "
-                                 + ("the class whose reversed warp lifts its rate most"
-                                    if isinstance(rev, ReversedWarps)
-                                    else "the class with the smallest reversed mask"))
+                                 f"{rev.suspect_rule}")
 
         # -- Shapley estimation -------------------------------------------------------------
         top_k = o.top_k or max(10, 2 * budget)
@@ -712,6 +707,13 @@ def _trigger_images(rev) -> dict[str, torch.Tensor]:
     k = rev.suspect
     return {"trigger_mask": rev.masks[k].clone(), "trigger_pattern": rev.patterns[k].clone(),
             "trigger_stamp": (rev.masks[k] * rev.patterns[k]).clone()}
+
+
+def _set_aside_pixel_images(images: dict) -> None:
+    """Another reverse's trigger is played: the pixel reverse's images (of another class, or of
+    an unflagged one) are kept for the report, named as unused."""
+    for key in ("trigger_mask", "trigger_pattern", "trigger_stamp"):
+        images[f"unused_pixel_{key}"] = images.pop(key)
 
 
 def _trigger_summary(rev, **extra) -> dict:

@@ -138,7 +138,6 @@ class Probe:
 
     name: ClassVar[str]
     signal_names: tuple[str, ...] = ()
-    guess: ClassVar[str] = "with the smallest reversed mask"  # _presume_target's fallback, named
 
     def __init__(self, model: nn.Module, units: Units, fit: CleanData, held: CleanData,
                  options: Any, seed: int = 0, progress: bool = False):
@@ -182,8 +181,8 @@ class Probe:
 
     def _presume_target(self, reversed_, space: str) -> None:
         """Set :attr:`target` and :attr:`target_source` from a trigger reverse: the user's
-        ``target``, else the class its anomaly index flags, else its best guess (``suspect``:
-        the smallest mask, or the warp that lifts its class's rate most)."""
+        ``target``, else the class its anomaly index flags, else its best guess (``suspect``,
+        as its ``suspect_rule`` says)."""
         user = self._user_target()
         if user is not None:
             self.target, self.target_source = user, "given by the user (option target)"
@@ -191,8 +190,8 @@ class Probe:
             self.target, self.target_source = reversed_.target, f"flagged by the MAD anomaly index{space}"
         else:
             self.target = int(reversed_.suspect)
-            self.target_source = (f"no class flagged by the anomaly index{space}: the class "
-                                  f"{self.guess} (set option target to choose)")
+            self.target_source = (f"no class flagged by the anomaly index{space}: "
+                                  f"{reversed_.suspect_rule} (set option target to choose)")
 
     def _margin_score(self, logits: torch.Tensor) -> torch.Tensor:
         """(M,) share of images still counted as backdoored: the target logit within
@@ -340,7 +339,6 @@ class ReversedWarpProbe(ReversedTriggerProbe):
 
     name = "reversed-warp"
     space = " (warp)"
-    guess = "whose reversed warp lifts its rate most"
 
     def _reverse(self):
         return warp_reverse(self.model, self.fit, self.options, self.seed, self.progress)

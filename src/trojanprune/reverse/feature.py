@@ -40,6 +40,7 @@ a step uses one of several fixed batches, so that its cost grows with K, not K s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +78,8 @@ class FeatureTriggers:
     # (they differ after a concatenation: a DenseNet layer's 8 channels are 16-23 of the
     # BatchNorm that reads the concatenated tensor)
     channels: tuple[int, ...] | None = None
+    #: what :attr:`suspect` falls back to when no class is flagged, in words
+    suspect_rule: ClassVar[str] = "the class with the smallest reversed mask"
 
     @property
     def num_classes(self) -> int:

@@ -33,6 +33,7 @@ gradients are added up (:mod:`trojanprune.engine.memory`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,8 @@ class ReversedTriggers:
     threshold: float = ANOMALY_THRESHOLD
     steps: int = 0                # optimization steps actually run (early stopping)
     costs: torch.Tensor | None = None  # (K,) final L1 cost of each class
+    #: what :attr:`suspect` falls back to when no class is flagged, in words
+    suspect_rule: ClassVar[str] = "the class with the smallest reversed mask"
 
     @property
     def num_classes(self) -> int:

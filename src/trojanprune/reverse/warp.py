@@ -39,6 +39,7 @@ one batched problem split into passes that fit in memory (:mod:`trojanprune.engi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,7 @@ from ..defenses.base import check_finite
 from ..engine.layout import channels_last_copy
 from ..engine.memory import images_per_pass
 from ..errors import ConfigError, DataError
+from ..metrics import predict
 from ..progress import progress_bar
 from ..utils import model_device
 from .detect import ANOMALY_THRESHOLD, anomaly_index
@@ -84,6 +86,8 @@ class ReversedWarps:
     threshold: float = ANOMALY_THRESHOLD
     min_success: float = MIN_SUCCESS
     base_rate: torch.Tensor | None = None  # (K,) the same images sent to k without a warp
+    #: what :attr:`suspect` falls back to when no class is flagged, in words
+    suspect_rule: ClassVar[str] = "the class whose reversed warp lifts its rate most"
 
     @property
     def lift(self) -> torch.Tensor:
@@ -212,7 +216,7 @@ def reverse_warps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classe
                 bar.advance(task)
         with torch.no_grad():
             success, base = torch.zeros(num_classes), torch.zeros(num_classes)
-            plain = torch.cat([model(x[s:s + 256]).argmax(-1) for s in range(0, len(x), 256)])
+            plain = predict(model, x).to(device)
             for k, pool in enumerate(pools):
                 hits = 0
                 for s in range(0, len(pool), 256):
