@@ -5,7 +5,8 @@
 
 The defender's 500 clean training images (seed 0), split as ONP splits them; the pixel-space
 reverse on the fit half and the feature-space reverse at the two layers the probe uses, each
-with ONP's default options and seeds. The flags are the classes each reverse's MAD test names.
+with ONP's default options and seeds. The flags are the classes each reverse's MAD test names. The warp reverse (``suspect_warps``,
+on by default since stop 38) is timed last, on the same fit half.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from onp_inputs import onp_inputs
 from trojanprune.defenses.onp import Options
-from trojanprune.onp.probes import feature_reverse, pixel_reverse
+from trojanprune.onp.probes import feature_reverse, pixel_reverse, warp_reverse
 from trojanprune.reverse.feature import default_layer, last_conv_layer
 
 
@@ -30,6 +31,7 @@ def main():
     ap.add_argument("--feature-steps", type=int, default=None,
                     help="fewer feature-reverse steps than ONP's (time per step only)")
     ap.add_argument("--skip-pixel", action="store_true")
+    ap.add_argument("--skip-features", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     options = Options()
@@ -40,12 +42,18 @@ def main():
         start = time.perf_counter()
         found = pixel_reverse(case.model, case.fit, options, args.seed, False)
         print(f"pixel: {time.perf_counter() - start:.1f} s, {found.steps} steps, flags {found.flagged}", flush=True)
-    for layer in dict.fromkeys([default_layer(case.units), last_conv_layer(case.units)]):
+    layers = [] if args.skip_features else [default_layer(case.units), last_conv_layer(case.units)]
+    for layer in dict.fromkeys(layers):
         start = time.perf_counter()
         found = feature_reverse(case.model, case.units, case.fit, options, args.seed, False, layer)
         seconds = time.perf_counter() - start
         print(f"feature {layer}: {seconds:.1f} s, {seconds / found.steps:.2f} s/step, "
               f"flags {found.flagged}", flush=True)
+    if options.suspect_warps:
+        start = time.perf_counter()
+        found = warp_reverse(case.model, case.fit, options, args.seed, False)
+        seconds = time.perf_counter() - start
+        print(f"warp: {seconds:.1f} s, {found.steps} steps, flags {found.flagged}", flush=True)
 
 
 if __name__ == "__main__":
