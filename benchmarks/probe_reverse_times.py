@@ -5,8 +5,8 @@
 
 The defender's 500 clean training images (seed 0), split as ONP splits them; the pixel-space
 reverse on the fit half and the feature-space reverse at the two layers the probe uses, each
-with ONP's default options and seeds. The flags are the classes each reverse's MAD test names. The warp reverse (``suspect_warps``,
-on by default since stop 38) is timed last, on the same fit half.
+with ONP's default options and seeds; then the warp reverse (``suspect_warps``, on by default
+since stop 38) on the same fit half. The flags are the classes each reverse's MAD test names.
 """
 
 from __future__ import annotations
