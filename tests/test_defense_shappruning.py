@@ -134,6 +134,9 @@ def test_clean_model_is_reported_clean_and_left_unpruned(clean_model, backdoor_c
     assert r.verdict == "no backdoor detected" and r.target is None
     assert r.pruned == [] and "shapley" not in r.details
     assert all(torch.equal(state[k], v) for k, v in r.model.state_dict().items())
+    # the verdict names the closest candidate, the class force=True would prune for
+    closest = r.details["mitigation"]["closest_class"]
+    assert f"the closest is class {closest}" in r.decision and "force=True" in r.decision
     # force=True prunes anyway, for the class with the smallest reversed trigger (a huge
     # anomaly threshold makes "nothing flagged" certain with a short, cheap reverse)
     forced = tp.repair(clean_model, few, method="shappruning", seed=0, force=True,

@@ -28,7 +28,8 @@ What is OUR reconstruction (the paper does not publish these details):
    flag is followed), OUR clean-label rule (``suspect_large_masks``, shared with ONP): a
    HIGH-side outlier whose own few clean images the model misclassifies is the target, and
    the game is played on its (large) pixel trigger. No target -> verdict "no backdoor
-   detected" and the model is returned unpruned, unless ``force`` (then the class with the
+   detected" (naming the closest candidate: the class ``force`` would prune for, with its
+   anomaly index) and the model is returned unpruned, unless ``force`` (then the class with the
    smallest mask is treated as the target).
 4. Shapley estimation (:func:`trojanprune.shapley.estimate_shapley`): players are the channels
    of ``layers`` (default ``auto``: every conv group but the first third); a coalition is the
@@ -467,8 +468,16 @@ class ShapPruning(Defense):
                               target=rev.target, details=details, total_units=all_units.total,
                               images=images)
         if rev.target is None and not o.force:
-            details["mitigation"] = {"pruned": 0, "reason": "no backdoor detected: model returned "
-                                     "unpruned (pass force=True to prune anyway)"}
+            # Name the closest candidate: a practitioner who suspects the model anyway can
+            # weigh it and force the repair for that class.
+            closest = rev.suspect
+            details["mitigation"] = {
+                "pruned": 0, "closest_class": closest,
+                "reason": (f"no backdoor detected: no class is an outlier; the closest is class "
+                           f"{closest}, {rev.suspect_rule} (anomaly index "
+                           f"{float(rev.anomaly_index[closest]):.2f}, threshold {rev.threshold:g}); "
+                           f"model returned unpruned (pass force=True to prune for class "
+                           f"{closest} anyway)")}
             return self._finish(result, evals, seconds)
         target = rev.suspect
         if rev.target is None:
