@@ -473,7 +473,7 @@ class ShapPruning(Defense):
             closest = rev.suspect
             details["mitigation"] = {
                 "pruned": 0, "closest_class": closest,
-                "reason": (f"no backdoor detected: no class is an outlier; the closest is class "
+                "reason": (f"no backdoor detected: no class is flagged; the closest is class "
                            f"{closest}, {rev.suspect_rule} (anomaly index "
                            f"{float(rev.anomaly_index[closest]):.2f}, threshold {rev.threshold:g}); "
                            f"model returned unpruned (pass force=True to prune for class "
