@@ -32,6 +32,9 @@ def main():
                     help="fewer feature-reverse steps than ONP's (time per step only)")
     ap.add_argument("--skip-pixel", action="store_true")
     ap.add_argument("--skip-features", action="store_true")
+    ap.add_argument("--skip-warp", action="store_true")
+    ap.add_argument("--per-class-stop", action="store_true",
+                    help="the pixel reverse freezes each class as it settles (not ONP's default)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     options = Options()
@@ -40,8 +43,12 @@ def main():
     case = onp_inputs(args.run, options, clean=args.clean, seed=args.seed)
     if not args.skip_pixel:
         start = time.perf_counter()
-        found = pixel_reverse(case.model, case.fit, options, args.seed, False)
-        print(f"pixel: {time.perf_counter() - start:.1f} s, {found.steps} steps, flags {found.flagged}", flush=True)
+        found = pixel_reverse(case.model, case.fit, options, args.seed, False,
+                              per_class_stop=args.per_class_stop)
+        print(f"pixel{' (per-class stop)' if args.per_class_stop else ''}: "
+              f"{time.perf_counter() - start:.1f} s, {found.steps} steps, "
+              f"{found.evaluations} class-steps, flags {found.flagged}, "
+              f"norms {[round(float(v), 1) for v in found.mask_norms]}", flush=True)
     layers = [] if args.skip_features else [default_layer(case.units), last_conv_layer(case.units)]
     for layer in dict.fromkeys(layers):
         start = time.perf_counter()
@@ -49,7 +56,7 @@ def main():
         seconds = time.perf_counter() - start
         print(f"feature {layer}: {seconds:.1f} s, {seconds / found.steps:.2f} s/step, "
               f"flags {found.flagged}", flush=True)
-    if options.suspect_warps:
+    if options.suspect_warps and not args.skip_warp:
         start = time.perf_counter()
         found = warp_reverse(case.model, case.fit, options, args.seed, False)
         seconds = time.perf_counter() - start

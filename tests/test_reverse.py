@@ -111,6 +111,18 @@ def test_reverse_finds_the_backdoor_target_from_one_image_per_class(backdoor_cas
                for g, p in zip(grads, model.parameters()))
 
 
+def test_per_class_stop_freezes_each_class_as_it_settles(backdoor_case):
+    """``per_class_stop``: a class that meets the early-stopping rule keeps its best mask and its
+    pairs are no longer run (fewer class-steps than the batched run), as Neural Cleanse's
+    per-class runs stop; the target is still found."""
+    few = data.clean_subset(backdoor_case.clean, per_class=1, seed=0)
+    x, y = few.tensors()
+    frozen = reverse_triggers(backdoor_case.model, x, y, 10, steps=300, seed=0, per_class_stop=True)
+    assert frozen.target == 0 and float(frozen.anomaly_index[0]) > 2, str(frozen.summary())
+    assert frozen.evaluations < frozen.steps * 10 + 10, (frozen.evaluations, frozen.steps)
+    assert frozen.attack_success[0] >= 0.99 and frozen.masks.max() <= 1
+
+
 def test_reverse_of_chosen_classes_repeats_a_class_from_other_starts(backdoor_case):
     """``classes``: several triggers for one class (ShapPruning's trigger_pool), each from its
     own random start, each working, with no detection over them (they are not one per class)."""

@@ -237,11 +237,13 @@ def activation_shift(model: nn.Module, units: Units, clean: torch.Tensor,
 # built-in probes
 # ------------------------------------------------------------------------------------------
 
-def pixel_reverse(model: nn.Module, fit: CleanData, options: Any, seed: int, progress: bool):
-    """Neural Cleanse's pixel-space reverse on the fit half, with ONP's reverse options."""
+def pixel_reverse(model: nn.Module, fit: CleanData, options: Any, seed: int, progress: bool,
+                  **extra):
+    """Neural Cleanse's pixel-space reverse on the fit half, with ONP's reverse options (and
+    ``extra`` keyword arguments of :func:`trojanprune.reverse.reverse_triggers`)."""
     from ..reverse import reverse_triggers
 
-    kwargs = {}
+    kwargs = dict(extra)
     if getattr(options, "reverse_steps", None) is not None:
         kwargs["steps"] = int(options.reverse_steps)
     if getattr(options, "reverse_batch_size", None) is not None:
