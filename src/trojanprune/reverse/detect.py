@@ -18,6 +18,8 @@ from ..errors import ConfigError
 
 #: Neural Cleanse's threshold on the anomaly index.
 ANOMALY_THRESHOLD = 2.0
+#: the class a mask reverse falls back to when its MAD test flags none, in words
+SMALLEST_MASK_RULE = "the class with the smallest reversed mask"
 #: consistency constant that turns a MAD into a standard-deviation estimate (normal data)
 MAD_CONSISTENCY = 1.4826
 

@@ -53,7 +53,8 @@ from ..engine.memory import images_per_pass
 from ..engine.units import channel_dim
 from ..errors import ConfigError, DataError
 from ..progress import progress_bar
-from .detect import ANOMALY_THRESHOLD, Detection, anomaly_index, detect_outlier
+from .detect import (ANOMALY_THRESHOLD, SMALLEST_MASK_RULE, Detection, anomaly_index,
+                     detect_outlier)
 
 
 @dataclass
@@ -79,7 +80,7 @@ class FeatureTriggers:
     # BatchNorm that reads the concatenated tensor)
     channels: tuple[int, ...] | None = None
     #: what :attr:`suspect` falls back to when no class is flagged, in words
-    suspect_rule: ClassVar[str] = "the class with the smallest reversed mask"
+    suspect_rule: ClassVar[str] = SMALLEST_MASK_RULE
 
     @property
     def num_classes(self) -> int:

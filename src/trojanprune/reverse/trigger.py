@@ -49,7 +49,7 @@ from ..progress import progress_bar
 from ..engine.layout import channels_last_copy
 from ..engine.memory import images_per_pass
 from ..utils import model_device
-from .detect import ANOMALY_THRESHOLD, detect_outlier
+from .detect import ANOMALY_THRESHOLD, SMALLEST_MASK_RULE, detect_outlier
 
 COST_SCHEDULES = ("adaptive", "fixed")
 
@@ -75,7 +75,7 @@ class ReversedTriggers:
     steps: int = 0                # optimization steps actually run (early stopping)
     costs: torch.Tensor | None = None  # (K,) final L1 cost of each class
     #: what :attr:`suspect` falls back to when no class is flagged, in words
-    suspect_rule: ClassVar[str] = "the class with the smallest reversed mask"
+    suspect_rule: ClassVar[str] = SMALLEST_MASK_RULE
 
     @property
     def num_classes(self) -> int:
