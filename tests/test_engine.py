@@ -600,6 +600,64 @@ def test_edited_logits_fx_and_hooks_agree_and_edit_precedes_masks():
         fx_ev.edited_logits(masks, "features.0.nope", edit)
 
 
+class _InplaceResidual(nn.Module):
+    """A residual block whose ReLU and addition write in place: a shared prefix value that one
+    branch overwrote would corrupt the next branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6))
+        self.conv1, self.bn1 = nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        identity = self.relu(self.stem(x))
+        out = self.relu(self.bn1(self.conv1(identity)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.head(self.relu(out).mean((2, 3)))
+
+
+@pytest.mark.parametrize("reuse_prefix", [True, False])
+def test_branch_logits_equal_separate_calls_and_count_each_branch(reuse_prefix):
+    """One shared pass up to the hook point, one per branch after it: the same numbers as the
+    separate calls (plain and edited, edit before or after the mask), even where later layers
+    write in place, and each branch counted as M evaluations."""
+    from trojanprune.engine import MaskEvaluator, discover_units
+
+    torch.manual_seed(0)
+    model = _InplaceResidual().eval()
+    for bn in (model.stem[1], model.bn1, model.bn2):
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 1.5)
+    x = torch.rand(5, 3, 8, 8)
+    units = discover_units(model, x[:1])
+    ev = MaskEvaluator(model, units, x, reuse_prefix=reuse_prefix)
+    assert ev.reuses_prefix is reuse_prefix
+    module = "bn1"
+    masks = (torch.rand(3, units.total, generator=torch.Generator().manual_seed(1)) > 0.3).float()
+
+    def writer(value):
+        return lambda out, j0, j1: out + value
+
+    edits = [writer(2.0), None, writer(-1.0)]
+    for after_mask in (False, True):
+        before = ev.evaluations
+        branches = ev.branch_logits(masks, module, edits, after_mask=after_mask)
+        assert ev.evaluations - before == 3 * len(masks)
+        separate = [ev.edited_logits(masks, module, fn, grad=False, after_mask=after_mask)
+                    if fn is not None else ev.logits(masks) for fn in edits]
+        assert len(branches) == 3
+        for got, want in zip(branches, separate):
+            assert torch.allclose(got, want, atol=1e-6)
+        assert not torch.allclose(branches[0], branches[1], atol=1e-3)  # the edits do act
+    assert ev.branch_logits(masks, module, []) == []
+    with pytest.raises(ConfigError, match="not a hook point"):
+        ev.branch_logits(masks, "nope", edits)
+
+
 def test_probe_input_finds_the_size_a_model_runs_on_or_says_what_to_set():
     from trojanprune.engine.inputs import parse_input_shape, probe_input
 

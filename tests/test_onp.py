@@ -631,8 +631,17 @@ def test_suspects_probe_scores_every_flagged_trigger(backdoor_case, monkeypatch)
     assert pixel_parts[0] < float(parts[0, 0]) - 0.5, pixel_parts
     # both reverses are counted once, with every scoring pass
     assert p.setup_evaluations == p.reversed.evaluations + p.features.evaluations
-    assert p.evaluations == p.setup_evaluations + sum(q.evaluations for q in p.parts)
+    # (the feature suspects are scored together on all the held-out images, on the probe's
+    # own evaluator: one evaluation per mask and suspect, as separately)
+    shared = p._held_ev.evaluations
+    assert shared > 0
+    assert p.evaluations == p.setup_evaluations + sum(q.evaluations for q in p.parts) + shared
     assert [q.setup_evaluations for q in p.parts] == [3, 1]  # their own signal passes only
+    score, logits = p.score_and_held_logits(keep[:3])
+    assert p._held_ev.evaluations - shared == 3 * 2  # the feature suspect and the plain logits
+    assert torch.allclose(score, p.score(keep[:3]))
+    plain = MaskEvaluator(case.model, units, held.x).logits(keep[:3])
+    assert torch.allclose(logits, plain, atol=1e-5)
     json.dumps(p.details())
     # a user target: that class in both spaces
     fixed = create_probe("suspects", case.model, units, fit, held, Options(target=5, **one_layer), seed=0)

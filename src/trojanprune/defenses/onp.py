@@ -68,7 +68,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine import MaskEvaluator, apply_masks_permanently, discover_units
+from ..engine import (MaskEvaluator, apply_masks_permanently, discover_units, soft_accuracy,
+                      top1_accuracy)
 from ..errors import ConfigError, DataError
 from ..progress import log, progress_bar
 from ..reverse import LARGE_MASK_ACCURACY_RATIO
@@ -764,6 +765,13 @@ class RewardTerms:
 
     def __init__(self, options: Options, accuracy: MaskEvaluator, probe, total: int):
         self.options, self.accuracy, self.probe, self.total = options, accuracy, probe, total
+        # A probe that scores on the same held-out images can hand over their plain logits
+        # from its own pass (SuspectsProbe.score_and_held_logits): the accuracy then costs
+        # no pass of its own.
+        held = getattr(probe, "held", None)
+        self._shared = (hasattr(probe, "score_and_held_logits") and held is not None
+                        and held.x.shape == accuracy.images.shape
+                        and torch.equal(held.x.to(accuracy.device, torch.float32), accuracy.images))
         self.floor = None
         self.unpruned = self(torch.ones(1, total))
         self.floor = float(self.unpruned["acc"][0]) - options.acc_tolerance
@@ -771,8 +779,19 @@ class RewardTerms:
     def __call__(self, keep: torch.Tensor, acc: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Reward terms of each keep mask; ``acc``: their held-out accuracy, if measured."""
         o = self.options
-        acc = accuracy_of(self.accuracy, o.accuracy)(keep).cpu() if acc is None else acc
-        backdoor = self.probe.score(keep).cpu().float()
+        logits = None
+        if acc is None and self._shared:
+            backdoor, logits = self.probe.score_and_held_logits(keep)
+        else:
+            backdoor = self.probe.score(keep)
+        if acc is None:
+            if logits is not None:
+                measure = soft_accuracy if o.accuracy == "soft" else top1_accuracy
+                acc = measure(logits, self.accuracy.labels)
+            else:
+                acc = accuracy_of(self.accuracy, o.accuracy)(keep)
+        acc = acc.cpu()
+        backdoor = backdoor.cpu().float()
         pruned = (keep < 0.5).float().sum(1)
         reward = acc - o.backdoor_weight * backdoor - o.prune_cost * pruned / self.total
         if self.floor is not None:

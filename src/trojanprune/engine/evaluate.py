@@ -163,18 +163,43 @@ class MaskEvaluator:
                               f"{sorted(self._specs)[:8]}{' ...' if len(self._specs) > 8 else ''}")
         return self._evaluate(masks, (module, edit, bool(after_mask)), grad)
 
+    def branch_logits(self, masks: MaskInput, module: str, edits: list,
+                      after_mask: bool = False) -> list[torch.Tensor]:
+        """``[(M, B, K)]``: for each entry of ``edits`` (an ``edit`` as for
+        :meth:`edited_logits`, or None for the plain logits), the logits under each mask with
+        that edit at ``module``; no gradients. The network up to ``module``'s output runs once
+        per mask and is shared by the entries, so n triggers written into one layer (and the
+        plain logits beside them) cost one pass up to that layer, not n. Each entry counts
+        as M evaluations, as the separate calls would."""
+        if module not in self._specs:
+            raise ConfigError(f"{module!r} is not a hook point of these units; choose one of "
+                              f"{sorted(self._specs)[:8]}{' ...' if len(self._specs) > 8 else ''}")
+        if not edits:
+            return []
+        group_masks, m = self._prepare(masks)
+        self._charge(m * len(edits))
+        flags = {mod: mod.training for mod in self._modules.values()}
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                if self._graph is None:
+                    return [self._logits_hooks(group_masks, m, None if fn is None else
+                                               (module, fn, bool(after_mask))) for fn in edits]
+                self._check_weights()
+                self._live = False
+                return self._branches_fx(group_masks, m, module, list(edits), bool(after_mask))
+        finally:
+            for mod, flag in flags.items():
+                mod.training = flag
+
     def accuracy(self, masks: MaskInput, labels: torch.Tensor | None = None) -> torch.Tensor:
         """(M,) fraction of images classified as their label."""
-        labels = self._labels(labels)
-        return (self.logits(masks).argmax(-1) == labels).float().mean(1)
+        return top1_accuracy(self.logits(masks), self._labels(labels))
 
     def soft_accuracy(self, masks: MaskInput, labels: torch.Tensor | None = None) -> torch.Tensor:
         """(M,) mean softmax probability of each image's label: accuracy's smooth counterpart,
         which moves with every image rather than only with those whose prediction flips."""
-        labels = self._labels(labels)
-        log_p = self.logits(masks).float().log_softmax(-1)
-        idx = labels.view(1, -1, 1).expand(log_p.shape[0], -1, 1)
-        return log_p.gather(-1, idx).squeeze(-1).exp().mean(1)
+        return soft_accuracy(self.logits(masks), self._labels(labels))
 
     def target_rate(self, masks: MaskInput, target: int | torch.Tensor) -> torch.Tensor:
         """(M,) fraction of images classified as ``target`` (attack success on triggered images)."""
@@ -447,55 +472,96 @@ class MaskEvaluator:
         return kept
 
     def _logits_fx(self, masks: dict[str, torch.Tensor], m: int, edit=None) -> torch.Tensor:
+        if edit is None:
+            return self._branches_fx(masks, m, None, [None], False)[0]
+        return self._branches_fx(masks, m, edit[0], [edit[1]], edit[2])[0]
+
+    def _branches_fx(self, masks: dict[str, torch.Tensor], m: int, module: str | None,
+                     edits: list, after_mask: bool) -> list[torch.Tensor]:
+        """Logits for each of ``edits`` (an edit function, or None for no edit) at the hook
+        point ``module``: everything up to ``module``'s output runs once per block and is
+        shared by the branches; only the layers after it run once per branch."""
         masked = frozenset(name for name, spec in self._specs.items()
                            if any(entry[0] in masks for entry in spec.entries))
-        if edit is not None:
-            masked = masked | {edit[0]}
+        if module is not None:
+            masked = masked | {module}
         plan = self._plan(masked)
         self._fill_cache(plan)
         meta = self._node_meta()
         output = next(n for n in reversed(self._graph.nodes) if n.op == "output")
+        split = next((i for i, node in enumerate(plan.run)
+                      if node.op == "call_module" and node.target == module), len(plan.run))
         mask_blocks, image_blocks = self._blocks(m, plan.bytes_per_image)
-        rows = []
+        rows: list[list[torch.Tensor]] = [[] for _ in edits]
         for m0, m1 in mask_blocks:
             k = m1 - m0
             block_masks = {g: t[m0:m1] for g, t in masks.items()}
-            cols = []
+            cols: list[list[torch.Tensor]] = [[] for _ in edits]
             for b0, b1 in image_blocks:
-                env: dict[fx.Node, Any] = {}
+                shared: dict[fx.Node, Any] = {}
 
-                def value(node: fx.Node):
-                    if node in env:
-                        return env[node]
-                    v = self._cache[node]
-                    if meta[node] == "batch":
-                        v = v[b0:b1]
-                        v = v.repeat(k, *([1] * (v.dim() - 1)))  # mask-major copy
-                    env[node] = v
-                    return v
+                def value_in(env: dict):
+                    def value(node: fx.Node):
+                        if node in env:
+                            return env[node]
+                        v = self._cache[node]
+                        if meta[node] == "batch":
+                            v = v[b0:b1]
+                            v = v.repeat(k, *([1] * (v.dim() - 1)))  # mask-major copy
+                        env[node] = v
+                        return v
+                    return value
 
-                for i, node in enumerate(plan.run):
-                    args = fx.node.map_arg(node.args, value)
-                    kwargs = fx.node.map_arg(node.kwargs, value)
-                    out = self._call(node, args, kwargs)
-                    edited = edit is not None and node.op == "call_module" and node.target == edit[0]
-                    if edited and not edit[2]:
-                        out = edit[1](out.reshape(k, b1 - b0, *out.shape[1:]), m0, m1).reshape(out.shape)
+                def step(env: dict, i: int, fn=None, raw=None) -> None:
+                    """Run node ``i`` of the plan into ``env`` (``raw``: its module output,
+                    already computed), with ``fn``'s edit and the masks applied."""
+                    node = plan.run[i]
+                    if raw is None:
+                        value = value_in(env)
+                        raw = self._call(node, fx.node.map_arg(node.args, value),
+                                         fx.node.map_arg(node.kwargs, value))
+                    out = raw
+                    if fn is not None and not after_mask:
+                        out = fn(out.reshape(k, b1 - b0, *out.shape[1:]), m0, m1).reshape(out.shape)
                     if node.op == "call_module" and node.target in plan.masked:
                         spec = self._specs[node.target]
                         mult = spec.multiplier(block_masks, out.shape[spec.dim])
                         if mult is not None:
                             out = scale_channels(out, mult, spec.dim)
-                    if edited and edit[2]:
-                        out = edit[1](out.reshape(k, b1 - b0, *out.shape[1:]), m0, m1).reshape(out.shape)
+                    if fn is not None and after_mask:
+                        out = fn(out.reshape(k, b1 - b0, *out.shape[1:]), m0, m1).reshape(out.shape)
                     env[node] = out
                     for a in node.all_input_nodes:
                         if plan.last_use.get(a) == i:
                             env.pop(a, None)
-                result = fx.node.map_arg(output.args[0], value)
-                cols.append(_as_logits(result).reshape(k, b1 - b0, -1))
-            rows.append(torch.cat(cols, 1))
-        return torch.cat(rows, 0)
+
+                # the shared prefix: every node before ``module``, then its raw output
+                for i in range(min(split, len(plan.run))):
+                    step(shared, i)
+                raw = None
+                if split < len(plan.run):
+                    node = plan.run[split]
+                    value = value_in(shared)
+                    raw = self._call(node, fx.node.map_arg(node.args, value),
+                                     fx.node.map_arg(node.kwargs, value))
+                    for a in node.all_input_nodes:
+                        if plan.last_use.get(a) == split:
+                            shared.pop(a, None)
+                for e, fn in enumerate(edits):
+                    last = e == len(edits) - 1
+                    # every branch but the last gets copies: a later layer may write in place
+                    # (ReLU(inplace=True), ``out += identity``) into a value the next branch reads
+                    env = shared if last else {n: (v.clone() if isinstance(v, torch.Tensor) else v)
+                                               for n, v in shared.items()}
+                    if raw is not None:
+                        step(env, split, fn, raw if last else raw.clone())
+                        for i in range(split + 1, len(plan.run)):
+                            step(env, i)
+                    result = fx.node.map_arg(output.args[0], value_in(env))
+                    cols[e].append(_as_logits(result).reshape(k, b1 - b0, -1))
+            for e in range(len(edits)):
+                rows[e].append(torch.cat(cols[e], 1))
+        return [torch.cat(r, 0) for r in rows]
 
     # -- node execution -------------------------------------------------------------------
     def _exec(self, node: fx.Node, env: dict, x: torch.Tensor):
@@ -521,6 +587,18 @@ class MaskEvaluator:
                 obj = getattr(obj, part)  # live lookup: follows .to(device) and reassignment
             return obj
         raise TrojanPruneError(f"unexpected fx node {node.op} {node.target}")
+
+
+def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(M,) fraction of images classified as their label, from (M, B, K) logits."""
+    return (logits.argmax(-1) == labels.to(logits.device)).float().mean(1)
+
+
+def soft_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(M,) mean softmax probability of each image's label, from (M, B, K) logits."""
+    log_p = logits.float().log_softmax(-1)
+    idx = labels.to(logits.device).view(1, -1, 1).expand(log_p.shape[0], -1, 1)
+    return log_p.gather(-1, idx).squeeze(-1).exp().mean(1)
 
 
 def target_margin(logits: torch.Tensor, target: int) -> torch.Tensor:

@@ -394,6 +394,7 @@ class FeatureTriggerProbe(Probe):
             self.target, self.target_source = int(target), "a suspect of the suspects probe"
         self.score_margin = float(getattr(options, "score_margin", 2.0))
         self._score_ev = self._evaluator(model, self._off_target(held, self.target, "held-out"))
+        self._held_rows = held.y != self.target  # the rows of all held-out images it scores
         self._edit = self.features.edit(self.target)
         fit_x = self._off_target(fit, self.target, "fit")
         start = units.offset(self.features.layer)
@@ -417,6 +418,11 @@ class FeatureTriggerProbe(Probe):
     def score(self, masks: torch.Tensor) -> torch.Tensor:
         return self._margin_score(
             self._score_ev.edited_logits(masks, self.features.module, self._edit, grad=False))
+
+    def score_held_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """:meth:`score` from (M, B, K) logits of ALL the held-out images with this trigger
+        written in (:meth:`SuspectsProbe.score` computes them for several triggers at once)."""
+        return self._margin_score(logits[:, self._held_rows.to(logits.device)])
 
     def details(self) -> dict[str, Any]:
         return {"probe": self.name, "target": self.target, "target_source": self.target_source,
@@ -578,6 +584,8 @@ class SuspectsProbe(Probe):
                                        reversed_=self.warps, target=c) for c in warp_classes]
         self.feature = [FeatureTriggerProbe(model, units, fit, held, options, seed, progress,
                                             features=f, target=c) for f, c in feature_pairs]
+        # the feature suspects are scored together on all the held-out images (see score)
+        self._held_ev = self._evaluator(model, held.x) if self.feature else None
         self.parts: list[Probe] = self.pixel + self.warp + self.feature
         self.suspects = ([("pixel", p.target, None) for p in self.pixel]
                          + [("warp", p.target, None) for p in self.warp]
@@ -665,13 +673,45 @@ class SuspectsProbe(Probe):
 
     @property
     def evaluations(self) -> int:
-        return self.setup_evaluations + sum(p.evaluations for p in self.parts)
+        return super().evaluations + sum(p.evaluations for p in self.parts)
 
     def signal(self) -> torch.Tensor:
         return self._signal
 
     def score(self, masks: torch.Tensor) -> torch.Tensor:
-        scores = torch.stack([p.score(masks).float().cpu() for p in self.parts])
+        return self.score_and_held_logits(masks, plain=False)[0]
+
+    def score_and_held_logits(self, masks: torch.Tensor,
+                              plain: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`score`, and (``plain``) the plain (M, B, K) logits of the held-out images
+        under the masks when they come at no extra cost (None otherwise).
+
+        The feature suspects written into one layer are scored in one pass of all the
+        held-out images (:meth:`~trojanprune.engine.MaskEvaluator.branch_logits`): the network
+        up to that layer runs once per mask for all of them, and the plain logits, which
+        ONP's reward needs for its held-out accuracy, are one more branch. The same numbers
+        as scoring each suspect on its own images. On resnet20 with three feature suspects at
+        the last conv group this is most of the masked evaluation's work (BENCHMARKS.md,
+        "Stop 40")."""
+        scores: list[torch.Tensor | None] = [None] * len(self.parts)
+        by_module: dict[str, list[int]] = {}
+        for i, p in enumerate(self.parts):
+            if isinstance(p, FeatureTriggerProbe):
+                by_module.setdefault(p.features.module, []).append(i)
+        held_logits = None
+        for module, parts in by_module.items():
+            extra = [None] if plain and held_logits is None else []
+            out = self._held_ev.branch_logits(masks, module, [self.parts[i]._edit for i in parts] + extra)
+            for i, logits in zip(parts, out):
+                scores[i] = self.parts[i].score_held_logits(logits)
+            if extra:
+                held_logits = out[-1]
+        scores = torch.stack([(s if s is not None else p.score(masks)).float().cpu()
+                              for s, p in zip(scores, self.parts)])
+        return self._combine(scores), held_logits
+
+    def _combine(self, scores: torch.Tensor) -> torch.Tensor:
+        """(M,) backdoor score from the (parts, M) suspects' scores."""
         if self.combine == "class":
             # one term per suspect class: the largest score of its triggers, weighed by the
             # sum of their weights (its backdoor is gone only once no stand-in works)
