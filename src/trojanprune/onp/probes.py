@@ -518,7 +518,8 @@ class SuspectsProbe(Probe):
     natural-feature trigger costs clean accuracy to disable, which the reward weighs. Signal:
     per channel, the largest value over the suspects of each of the two probes' signals
     (4 columns: the pixel and warp suspects share the input-space two; zero where a space has
-    no suspect). Costs the four reverses and one scoring pass per suspect.
+    no suspect). Costs the four reverses and one scoring pass per pixel or warp suspect; the
+    feature suspects of one layer share one pass up to that layer (:meth:`score_and_held_logits`).
     """
 
     name = "suspects"
