@@ -85,8 +85,7 @@ def replay_focus(run, record: dict, train: dict, data_dir, recorded_refinement: 
     def refine(terms):
         reward = choice["reward"] if terms is measure else float(terms(chosen[None])["reward"][0])
         return defense._refine(chosen, reward, probs, probe.signal(), terms, base_acc, confirm,
-                               choice.get("all_clean_acc_unpruned"), units,
-                               held_accuracy=measure.accuracy.accuracy)
+                               choice.get("all_clean_acc_unpruned"), units)
 
     recorded = [s["unit"] for s in choice.get("refine", {}).get("steps", [])]
     if recorded_refinement:

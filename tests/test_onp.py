@@ -336,7 +336,7 @@ def test_refinement_adds_channels_greedily_within_the_accuracy_guard():
 
     gain = torch.tensor([0.0, 0.0, 0.4, 0.3, 0.5, 0.45])  # how much pruning each unit lowers the score
 
-    def measure(keep, acc=None):  # ``acc``: what held_accuracy gave, the same formula
+    def measure(keep, acc=None):
         pruned = (keep < 0.5).float()
         acc = 0.9 - 0.05 * pruned[:, 4]  # unit 4 costs 5 points on the held-out half
         backdoor = 1 - pruned @ gain
@@ -350,26 +350,31 @@ def test_refinement_adds_channels_greedily_within_the_accuracy_guard():
         def unit_of(self, i):
             return ("layer", i)
 
-    def held(keep):
-        return measure(keep)["acc"]
+    class Terms:  # RewardTerms' interface: the accuracy first, the terms of the tries within the floor
+        def __init__(self, terms):
+            self.terms = terms
+
+        def within_floor(self, keep, floor):
+            within = measure(keep)["acc"] >= floor
+            return within, (self.terms(keep[within]) if bool(within.any()) else None)
 
     defense = ONP(seed=0, refine_steps=5, refine_pool=2)
     probs = torch.tensor([0.9, 0.8, 0.1, 0.1, 0.1, 0.1])  # the policy's top 2: units 0 and 1
     signal = torch.tensor([[0.0], [0.0], [0.9], [0.8], [0.7], [0.6]])  # the signal's top 2: 2 and 3
-    keep, info = defense._refine(torch.ones(6), -0.1, probs, signal, measure, 0.9, AllClean(), 0.85, Units(), held)
+    keep, info = defense._refine(torch.ones(6), -0.1, probs, signal, Terms(measure), 0.9, AllClean(), 0.85, Units())
     assert [s["unit"] for s in info["steps"]] == [["layer", 2], ["layer", 3]] and info["pool"] == 4
     assert keep.tolist() == [1, 1, 0, 0, 1, 1]
     # a constant signal column (a space without suspects) adds nothing to the pool
     # (the policy's top 2 are units 4 and 5 here; a zero column's "top 2" would be units 0 and 1)
     flat = torch.cat([signal, torch.zeros(6, 1)], 1)
     late = torch.tensor([0.1, 0.1, 0.1, 0.1, 0.9, 0.8])
-    _, info = defense._refine(torch.ones(6), -0.1, late, flat, measure, 0.9, AllClean(), 0.85, Units(), held)
+    _, info = defense._refine(torch.ones(6), -0.1, late, flat, Terms(measure), 0.9, AllClean(), 0.85, Units())
     assert info["pool"] == 4
     # a larger pool reaches unit 5, which the confirmation refuses, and unit 4, which the guard does
     wide = ONP(seed=0, refine_steps=5, refine_pool=6)
-    keep, info = wide._refine(torch.ones(6), -0.1, probs, signal, measure, 0.9, AllClean(), 0.85, Units(), held)
+    keep, info = wide._refine(torch.ones(6), -0.1, probs, signal, Terms(measure), 0.9, AllClean(), 0.85, Units())
     assert keep.tolist() == [1, 1, 0, 0, 1, 1]
-    without_confirmation, _ = wide._refine(torch.ones(6), -0.1, probs, signal, measure, 0.9, None, None, Units(), held)
+    without_confirmation, _ = wide._refine(torch.ones(6), -0.1, probs, signal, Terms(measure), 0.9, None, None, Units())
     assert without_confirmation.tolist() == [1, 1, 0, 0, 1, 0]
     # with the held-out accuracy alone first, the probe scores only the tries within the guard
     scored = []
@@ -378,7 +383,7 @@ def test_refinement_adds_channels_greedily_within_the_accuracy_guard():
         scored.append(len(keep))
         return measure(keep)
 
-    same, _ = wide._refine(torch.ones(6), -0.1, probs, signal, counting, 0.9, None, None, Units(), held)
+    same, _ = wide._refine(torch.ones(6), -0.1, probs, signal, Terms(counting), 0.9, None, None, Units())
     assert same.tolist() == [1, 1, 0, 0, 1, 0] and scored[0] == 5  # unit 4 is never scored
     with pytest.raises(ConfigError, match="refine_steps must be an integer >= 0"):
         ONP(seed=0, refine_steps=-1)
@@ -642,6 +647,19 @@ def test_suspects_probe_scores_every_flagged_trigger(backdoor_case, monkeypatch)
     assert torch.allclose(score, p.score(keep[:3]))
     plain = MaskEvaluator(case.model, units, held.x).logits(keep[:3])
     assert torch.allclose(logits, plain, atol=1e-5)
+    # the refinement's guard: the accuracy of every mask first, the terms of those within
+    # the floor, the same numbers as the plain reward terms of those masks
+    from trojanprune.defenses.onp import RewardTerms
+
+    terms = RewardTerms(Options(**one_layer), MaskEvaluator(case.model, units, held.x, held.y), p, units.total)
+    direct = terms(keep)
+    floor = float(terms.unpruned["acc"][0]) - 0.02
+    within, guarded = terms.within_floor(keep, floor)
+    assert torch.equal(within, direct["acc"] >= floor) and 0 < int(within.sum()) < len(keep)
+    for name, value in guarded.items():
+        assert torch.allclose(value, direct[name][within], atol=1e-6), name
+    none_within, nothing = terms.within_floor(keep, 2.0)
+    assert not bool(none_within.any()) and nothing is None
     json.dumps(p.details())
     # a user target: that class in both spaces
     fixed = create_probe("suspects", case.model, units, fit, held, Options(target=5, **one_layer), seed=0)

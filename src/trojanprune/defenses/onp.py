@@ -521,8 +521,7 @@ class ONP(Defense):
                       else float(focused(chosen[None])["reward"][0]))
             chosen, choice["refine"] = self._refine(chosen, reward, probs, probe.signal(),
                                                     focused, float(base["acc"][0]), confirm,
-                                                    choice.get("all_clean_acc_unpruned"), units,
-                                                    held_accuracy=accuracy_of(accuracy, o.accuracy))
+                                                    choice.get("all_clean_acc_unpruned"), units)
         lap("final_choice")
         if o.give_back != "off":  # on every suspect: the returns must not revive any stand-in
             chosen, choice["give_back"] = self._give_back(chosen, measure, units)
@@ -653,11 +652,11 @@ class ONP(Defense):
 
     def _refine(self, keep: torch.Tensor, reward: float, probs: torch.Tensor, signal: torch.Tensor,
                 measure, base_acc: float, confirm: MaskEvaluator | None, base_all_acc: float | None,
-                units, held_accuracy) -> tuple[torch.Tensor, dict]:
+                units) -> tuple[torch.Tensor, dict]:
         """Greedy steps from the chosen pruning on the same reward (Options.refine_steps; ours).
         ``base_all_acc``: the unpruned model's accuracy on ``confirm``'s images (the final
-        choice measured it). ``held_accuracy``: the held-out accuracy alone, measured first so
-        that the (costlier) probe scores only the tries within the guard; ``measure`` reuses it."""
+        choice measured it). The held-out accuracy is measured first, so that the (costlier)
+        probe scores only the tries within the guard (:meth:`RewardTerms.within_floor`)."""
         o = self.options
         pool = set(torch.argsort(probs.cpu(), descending=True, stable=True)[:o.refine_pool].tolist())
         for col in signal.float().cpu().T:
@@ -673,13 +672,11 @@ class ONP(Defense):
                 break
             masks = keep.repeat(len(tries), 1)
             masks[torch.arange(len(tries)), torch.tensor(tries)] = 0
-            acc = held_accuracy(masks).cpu()
-            within = acc >= base_acc - o.acc_tolerance - 1e-9
+            within, m = measure.within_floor(masks, base_acc - o.acc_tolerance - 1e-9)
             tries = [t for t, w in zip(tries, within.tolist()) if w]
             if not tries:
                 break
             masks = masks[within]
-            m = measure(masks, acc=acc[within])
             better = m["reward"] > reward + 1e-9
             step = None
             for i in torch.argsort(-m["reward"], stable=True).tolist():
@@ -778,18 +775,39 @@ class RewardTerms:
 
     def __call__(self, keep: torch.Tensor, acc: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Reward terms of each keep mask; ``acc``: their held-out accuracy, if measured."""
-        o = self.options
         logits = None
         if acc is None and self._shared:
             backdoor, logits = self.probe.score_and_held_logits(keep)
         else:
             backdoor = self.probe.score(keep)
         if acc is None:
-            if logits is not None:
-                measure = soft_accuracy if o.accuracy == "soft" else top1_accuracy
-                acc = measure(logits, self.accuracy.labels)
-            else:
-                acc = accuracy_of(self.accuracy, o.accuracy)(keep)
+            acc = self._held_accuracy(keep, logits)
+        return self._terms(keep, acc, backdoor)
+
+    def _held_accuracy(self, keep: torch.Tensor, held_logits: torch.Tensor | None) -> torch.Tensor:
+        """The held-out accuracy of the keep masks: from the probe's plain held-out logits
+        when it gave them, else a pass of the accuracy evaluator."""
+        if held_logits is None:
+            return accuracy_of(self.accuracy, self.options.accuracy)(keep)
+        measure = soft_accuracy if self.options.accuracy == "soft" else top1_accuracy
+        return measure(held_logits, self.accuracy.labels)
+
+    def within_floor(self, keep: torch.Tensor, floor: float) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """``(within, terms)``: which keep masks have a held-out accuracy of at least
+        ``floor``, and the reward terms of those alone (None when none has). The probe scores
+        only those, except what it computes with the accuracy anyway
+        (:meth:`SuspectsProbe.staged_score`); the same numbers as ``self(keep[within])``."""
+        staged = getattr(self.probe, "staged_score", None) if self._shared else None
+        held_logits, score_rows = staged(keep) if staged is not None else (None, None)
+        acc = self._held_accuracy(keep, held_logits).cpu()
+        within = acc >= floor
+        if not bool(within.any()):
+            return within, None
+        backdoor = score_rows(within) if held_logits is not None else self.probe.score(keep[within])
+        return within, self._terms(keep[within], acc[within], backdoor)
+
+    def _terms(self, keep: torch.Tensor, acc: torch.Tensor, backdoor: torch.Tensor) -> dict[str, torch.Tensor]:
+        o = self.options
         acc = acc.cpu()
         backdoor = backdoor.cpu().float()
         pruned = (keep < 0.5).float().sum(1)

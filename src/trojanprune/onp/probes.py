@@ -395,7 +395,8 @@ class FeatureTriggerProbe(Probe):
         self.score_margin = float(getattr(options, "score_margin", 2.0))
         self._score_ev = self._evaluator(model, self._off_target(held, self.target, "held-out"))
         self._held_rows = held.y != self.target  # the rows of all held-out images it scores
-        self._edit = self.features.edit(self.target)
+        #: writes this probe's trigger into its layer (an ``edit`` for MaskEvaluator.edited_logits)
+        self.edit = self.features.edit(self.target)
         fit_x = self._off_target(fit, self.target, "fit")
         start = units.offset(self.features.layer)
         mask_column = torch.zeros(units.total)
@@ -406,7 +407,7 @@ class FeatureTriggerProbe(Probe):
     def _taylor(self, images: torch.Tensor) -> torch.Tensor:
         module = self.model.get_submodule(self.features.module)
         handle = module.register_forward_hook(
-            lambda mod, inputs, out: self._edit(out[None], 0, 1)[0], prepend=True)
+            lambda mod, inputs, out: self.edit(out[None], 0, 1)[0], prepend=True)
         try:
             return margin_taylor(self.model, self.units, images, self.target)
         finally:
@@ -417,7 +418,7 @@ class FeatureTriggerProbe(Probe):
 
     def score(self, masks: torch.Tensor) -> torch.Tensor:
         return self._margin_score(
-            self._score_ev.edited_logits(masks, self.features.module, self._edit, grad=False))
+            self._score_ev.edited_logits(masks, self.features.module, self.edit, grad=False))
 
     def score_held_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """:meth:`score` from (M, B, K) logits of ALL the held-out images with this trigger
@@ -694,22 +695,56 @@ class SuspectsProbe(Probe):
         as scoring each suspect on its own images. On resnet20 with three feature suspects at
         the last conv group this is most of the masked evaluation's work (BENCHMARKS.md,
         "Stop 40")."""
-        scores: list[torch.Tensor | None] = [None] * len(self.parts)
-        by_module: dict[str, list[int]] = {}
+        if not plain:
+            return self._combine(self._part_scores(masks, {})), None
+        held_logits, score_rows = self.staged_score(masks)
+        return score_rows(torch.ones(len(masks), dtype=torch.bool)), held_logits
+
+    def staged_score(self, masks: torch.Tensor):
+        """``(held_logits, score_rows)``: the plain held-out logits under ``masks`` (None when
+        the probe has no feature suspect to compute them with), and a function giving
+        :meth:`score` of ``masks[rows]`` for a boolean ``rows``. The first layer's feature
+        suspects are scored for every mask with the plain logits, the other suspects only
+        for the rows asked: ONP's refinement keeps only the prunings whose held-out accuracy
+        is within its guard, so it asks for those alone (the same numbers as :meth:`score`
+        of those rows)."""
+        groups = self._feature_groups()
+        known: dict[int, torch.Tensor] = {}
+        held_logits = None
+        if groups:
+            module, parts = next(iter(groups.items()))
+            out = self._held_ev.branch_logits(masks, module, [self.parts[i].edit for i in parts] + [None])
+            known = {i: self.parts[i].score_held_logits(logits) for i, logits in zip(parts, out)}
+            held_logits = out[-1]
+
+        def score_rows(rows: torch.Tensor) -> torch.Tensor:
+            rows = torch.as_tensor(rows, dtype=torch.bool)
+            if not bool(rows.any()):
+                return torch.zeros(0)
+            picked = {i: s[rows.to(s.device)] for i, s in known.items()}
+            return self._combine(self._part_scores(masks[rows.to(masks.device)], picked))
+
+        return held_logits, score_rows
+
+    def _feature_groups(self) -> dict[str, list[int]]:
+        """The indices of the feature suspects in :attr:`parts`, by the module they write to."""
+        groups: dict[str, list[int]] = {}
         for i, p in enumerate(self.parts):
             if isinstance(p, FeatureTriggerProbe):
-                by_module.setdefault(p.features.module, []).append(i)
-        held_logits = None
-        for module, parts in by_module.items():
-            extra = [None] if plain and held_logits is None else []
-            out = self._held_ev.branch_logits(masks, module, [self.parts[i]._edit for i in parts] + extra)
-            for i, logits in zip(parts, out):
-                scores[i] = self.parts[i].score_held_logits(logits)
-            if extra:
-                held_logits = out[-1]
-        scores = torch.stack([(s if s is not None else p.score(masks)).float().cpu()
-                              for s, p in zip(scores, self.parts)])
-        return self._combine(scores), held_logits
+                groups.setdefault(p.features.module, []).append(i)
+        return groups
+
+    def _part_scores(self, masks: torch.Tensor, known: dict[int, torch.Tensor]) -> torch.Tensor:
+        """(parts, M) every suspect's score of ``masks``; ``known``: scores already computed,
+        by part index. The feature suspects of one layer share one pass."""
+        scores = dict(known)
+        for module, parts in self._feature_groups().items():
+            todo = [i for i in parts if i not in scores]
+            if todo:
+                out = self._held_ev.branch_logits(masks, module, [self.parts[i].edit for i in todo])
+                scores.update({i: self.parts[i].score_held_logits(logits) for i, logits in zip(todo, out)})
+        return torch.stack([(scores[i] if i in scores else p.score(masks)).float().cpu()
+                            for i, p in enumerate(self.parts)])
 
     def _combine(self, scores: torch.Tensor) -> torch.Tensor:
         """(M,) backdoor score from the (parts, M) suspects' scores."""
