@@ -140,7 +140,7 @@ class MaskEvaluator:
     # -- public API -----------------------------------------------------------------------
     def logits(self, masks: MaskInput) -> torch.Tensor:
         """(M, B, K) logits of the model under each of the M masks."""
-        return self._evaluate(masks, None, grad=False)
+        return self._evaluate(masks, None, [None], False, grad=False)[0]
 
     def edited_logits(self, masks: MaskInput, module: str, edit, grad: bool = True,
                       after_mask: bool = False) -> torch.Tensor:
@@ -158,10 +158,8 @@ class MaskEvaluator:
         (the pruning of the other layers still acts), so an edit can stand for a signal that
         arrives from upstream of the pruned layer.
         """
-        if module not in self._specs:
-            raise ConfigError(f"{module!r} is not a hook point of these units; choose one of "
-                              f"{sorted(self._specs)[:8]}{' ...' if len(self._specs) > 8 else ''}")
-        return self._evaluate(masks, (module, edit, bool(after_mask)), grad)
+        self._check_hook_point(module)
+        return self._evaluate(masks, module, [edit], bool(after_mask), grad)[0]
 
     def branch_logits(self, masks: MaskInput, module: str, edits: list,
                       after_mask: bool = False) -> list[torch.Tensor]:
@@ -171,26 +169,10 @@ class MaskEvaluator:
         per mask and is shared by the entries, so n triggers written into one layer (and the
         plain logits beside them) cost one pass up to that layer, not n. Each entry counts
         as M evaluations, as the separate calls would."""
-        if module not in self._specs:
-            raise ConfigError(f"{module!r} is not a hook point of these units; choose one of "
-                              f"{sorted(self._specs)[:8]}{' ...' if len(self._specs) > 8 else ''}")
+        self._check_hook_point(module)
         if not edits:
             return []
-        group_masks, m = self._prepare(masks)
-        self._charge(m * len(edits))
-        flags = {mod: mod.training for mod in self._modules.values()}
-        try:
-            self.model.eval()
-            with torch.no_grad():
-                if self._graph is None:
-                    return [self._logits_hooks(group_masks, m, None if fn is None else
-                                               (module, fn, bool(after_mask))) for fn in edits]
-                self._check_weights()
-                self._live = False
-                return self._branches_fx(group_masks, m, module, list(edits), bool(after_mask))
-        finally:
-            for mod, flag in flags.items():
-                mod.training = flag
+        return self._evaluate(masks, module, list(edits), bool(after_mask), grad=False)
 
     def accuracy(self, masks: MaskInput, labels: torch.Tensor | None = None) -> torch.Tensor:
         """(M,) fraction of images classified as their label."""
@@ -224,24 +206,33 @@ class MaskEvaluator:
         self._cache.clear()
         self._fingerprint = None
 
-    def _evaluate(self, masks: MaskInput, edit, grad: bool) -> torch.Tensor:
+    def _evaluate(self, masks: MaskInput, module: str | None, edits: list, after_mask: bool,
+                  grad: bool) -> list[torch.Tensor]:
+        """The logits of each branch in ``edits`` (an edit at ``module``, or None), each
+        counted as M evaluations."""
         group_masks, m = self._prepare(masks)
-        self._charge(m)
+        self._charge(m * len(edits))
         flags = {mod: mod.training for mod in self._modules.values()}
         try:
             self.model.eval()
             with torch.set_grad_enabled(grad):
                 if self._graph is None:
-                    return self._logits_hooks(group_masks, m, edit)
+                    return [self._logits_hooks(group_masks, m, None if fn is None else (module, fn, after_mask))
+                            for fn in edits]
                 self._check_weights()
                 # Gradients for the model's own trainable parameters must come from the model.
                 self._live = grad and any(p.requires_grad for p in self.model.parameters())
-                return self._logits_fx(group_masks, m, edit)
+                return self._branches_fx(group_masks, m, module, edits, after_mask)
         finally:
             for mod, flag in flags.items():
                 mod.training = flag
 
     # -- argument handling ----------------------------------------------------------------
+    def _check_hook_point(self, module: str) -> None:
+        if module not in self._specs:
+            raise ConfigError(f"{module!r} is not a hook point of these units; choose one of "
+                              f"{sorted(self._specs)[:8]}{' ...' if len(self._specs) > 8 else ''}")
+
     def _prepare(self, masks: MaskInput) -> tuple[dict[str, torch.Tensor], int]:
         group_masks = as_group_masks(self.units, masks, device=self.device, dtype=torch.float32)
         sizes = {t.shape[0] for t in group_masks.values() if t.dim() == 2}
@@ -471,11 +462,6 @@ class MaskEvaluator:
                     env.pop(a, None)
         return kept
 
-    def _logits_fx(self, masks: dict[str, torch.Tensor], m: int, edit=None) -> torch.Tensor:
-        if edit is None:
-            return self._branches_fx(masks, m, None, [None], False)[0]
-        return self._branches_fx(masks, m, edit[0], [edit[1]], edit[2])[0]
-
     def _branches_fx(self, masks: dict[str, torch.Tensor], m: int, module: str | None,
                      edits: list, after_mask: bool) -> list[torch.Tensor]:
         """Logits for each of ``edits`` (an edit function, or None for no edit) at the hook
@@ -512,15 +498,22 @@ class MaskEvaluator:
                         return v
                     return value
 
+                def call(env: dict, i: int):
+                    """Node ``i``'s raw output (before any edit or mask)."""
+                    node, value = plan.run[i], value_in(env)
+                    return self._call(node, fx.node.map_arg(node.args, value),
+                                      fx.node.map_arg(node.kwargs, value))
+
+                def release(env: dict, i: int) -> None:
+                    for a in plan.run[i].all_input_nodes:
+                        if plan.last_use.get(a) == i:
+                            env.pop(a, None)
+
                 def step(env: dict, i: int, fn=None, raw=None) -> None:
                     """Run node ``i`` of the plan into ``env`` (``raw``: its module output,
                     already computed), with ``fn``'s edit and the masks applied."""
                     node = plan.run[i]
-                    if raw is None:
-                        value = value_in(env)
-                        raw = self._call(node, fx.node.map_arg(node.args, value),
-                                         fx.node.map_arg(node.kwargs, value))
-                    out = raw
+                    out = call(env, i) if raw is None else raw
                     if fn is not None and not after_mask:
                         out = fn(out.reshape(k, b1 - b0, *out.shape[1:]), m0, m1).reshape(out.shape)
                     if node.op == "call_module" and node.target in plan.masked:
@@ -531,22 +524,15 @@ class MaskEvaluator:
                     if fn is not None and after_mask:
                         out = fn(out.reshape(k, b1 - b0, *out.shape[1:]), m0, m1).reshape(out.shape)
                     env[node] = out
-                    for a in node.all_input_nodes:
-                        if plan.last_use.get(a) == i:
-                            env.pop(a, None)
+                    release(env, i)
 
                 # the shared prefix: every node before ``module``, then its raw output
                 for i in range(min(split, len(plan.run))):
                     step(shared, i)
                 raw = None
                 if split < len(plan.run):
-                    node = plan.run[split]
-                    value = value_in(shared)
-                    raw = self._call(node, fx.node.map_arg(node.args, value),
-                                     fx.node.map_arg(node.kwargs, value))
-                    for a in node.all_input_nodes:
-                        if plan.last_use.get(a) == split:
-                            shared.pop(a, None)
+                    raw = call(shared, split)
+                    release(shared, split)
                 for e, fn in enumerate(edits):
                     last = e == len(edits) - 1
                     # every branch but the last gets copies: a later layer may write in place

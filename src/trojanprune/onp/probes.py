@@ -643,7 +643,7 @@ class SuspectsProbe(Probe):
         when the pruning answered no suspect class or all of them (nothing to restrict).
         The view shares the parts' evaluators, so its evaluations count in this probe's."""
         masks = torch.stack([torch.ones_like(keep), keep]).float()
-        scores = torch.stack([p.score(masks).float().cpu() for p in self.parts])  # (parts, 2)
+        scores = self._part_scores(masks, {})  # (parts, 2)
         unpruned, pruned = scores[:, 0], scores[:, 1]
         lost = torch.where(unpruned > 0, (unpruned - pruned) / unpruned.clamp_min(1e-12),
                            torch.zeros_like(unpruned))
