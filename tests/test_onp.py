@@ -350,13 +350,19 @@ def test_refinement_adds_channels_greedily_within_the_accuracy_guard():
         def unit_of(self, i):
             return ("layer", i)
 
-    class Terms:  # RewardTerms' interface: the accuracy first, the terms of the tries within the floor
+    class Terms:  # RewardTerms' interface: the accuracy first, then the terms of the tries within the floor
         def __init__(self, terms):
             self.terms = terms
 
-        def within_floor(self, keep, floor):
+        def improving(self, keep, reward, floor=None, backdoor=None):
             within = measure(keep)["acc"] >= floor
-            return within, (self.terms(keep[within]) if bool(within.any()) else None)
+            if not bool(within.any()):
+                return within, None
+            m = self.terms(keep[within])
+            better = m["reward"] > reward + 1e-9
+            qualified = within.clone()
+            qualified[within] = better
+            return qualified, ({k: v[better] for k, v in m.items()} if bool(better.any()) else None)
 
     defense = ONP(seed=0, refine_steps=5, refine_pool=2)
     probs = torch.tensor([0.9, 0.8, 0.1, 0.1, 0.1, 0.1])  # the policy's top 2: units 0 and 1
@@ -389,6 +395,26 @@ def test_refinement_adds_channels_greedily_within_the_accuracy_guard():
         ONP(seed=0, refine_steps=-1)
 
 
+class Filtered:
+    """RewardTerms' interface over a function of keep masks: ``improving`` filters its terms."""
+
+    def __init__(self, measure):
+        self.measure, self.tried = measure, []
+
+    def __call__(self, keep):
+        return self.measure(keep)
+
+    def improving(self, keep, reward, floor=None, backdoor=None):
+        self.tried.append(len(keep))
+        m = self.measure(keep)
+        ok = m["reward"] > reward + 1e-9
+        if floor is not None:
+            ok &= m["acc"] >= floor
+        if backdoor is not None:
+            ok &= m["backdoor"] <= backdoor + 1e-9
+        return ok, ({k: v[ok] for k, v in m.items()} if bool(ok.any()) else None)
+
+
 def test_give_back_returns_channels_that_cost_accuracy_and_hold_no_backdoor():
     """give_back: each step returns the pruned channel whose return raises the reward most;
     "score" skips returns that raise the probe's backdoor score, "reward" trades them."""
@@ -408,14 +434,28 @@ def test_give_back_returns_channels_that_cost_accuracy_and_hold_no_backdoor():
             return ("layer", i)
 
     chosen = torch.tensor([1.0, 0, 0, 0, 0])  # units 1-4 pruned
-    keep, info = ONP(seed=0, give_back="score")._give_back(chosen, measure, Units())
+    keep, info = ONP(seed=0, give_back="score")._give_back(chosen, Filtered(measure), Units())
     # unit 1 first (the largest gain), then 2; unit 3 raises the score, unit 4 the reward never
     assert [r["unit"] for r in info["returned"]] == [["layer", 1], ["layer", 2]]
     assert keep.tolist() == [1, 1, 1, 0, 0]
-    keep, info = ONP(seed=0, give_back="reward")._give_back(chosen, measure, Units())
+    keep, info = ONP(seed=0, give_back="reward")._give_back(chosen, Filtered(measure), Units())
     # unit 3's 3 points outweigh its 0.01 of score; unit 4's 0.5 of score outweighs nothing
     assert [r["unit"] for r in info["returned"]] == [["layer", 3], ["layer", 1], ["layer", 2]]
     assert keep.tolist() == [1, 1, 1, 1, 0]
+    # lazily: a channel whose return did not qualify is not tried again. Unit 3's return pays
+    # only once unit 1 is back, so the first step refuses it and it stays pruned, although
+    # after the other returns it would raise the reward
+    def coupled(keep, acc=None):
+        pruned = (keep < 0.5).float()
+        acc = 0.9 - 0.02 * pruned[:, 1] - 0.01 * pruned[:, 2] + 0.01 * (1 - pruned[:, 3]) * (1 - 2 * pruned[:, 1])
+        return {"reward": acc, "acc": acc, "backdoor": torch.zeros(len(keep)), "pruned": pruned.sum(1)}
+
+    terms = Filtered(coupled)
+    keep, info = ONP(seed=0, give_back="score")._give_back(torch.tensor([1.0, 0, 0, 0]), terms, Units())
+    assert [r["unit"] for r in info["returned"]] == [["layer", 1], ["layer", 2]]
+    assert keep.tolist() == [1, 1, 1, 0]
+    assert float(coupled(torch.ones(1, 4))["reward"][0]) > float(coupled(keep[None])["reward"][0])
+    assert terms.tried == [3, 1]  # the second step tried unit 2 alone
     with pytest.raises(ConfigError, match="give_back must be one of off, score, reward"):
         ONP(seed=0, give_back="all")
 
@@ -647,19 +687,40 @@ def test_suspects_probe_scores_every_flagged_trigger(backdoor_case, monkeypatch)
     assert torch.allclose(score, p.score(keep[:3]))
     plain = MaskEvaluator(case.model, units, held.x).logits(keep[:3])
     assert torch.allclose(logits, plain, atol=1e-5)
-    # the refinement's guard: the accuracy of every mask first, the terms of those within
-    # the floor, the same numbers as the plain reward terms of those masks
+    # screened stages: the first layer's feature suspect comes with the held-out logits; the
+    # pixel suspect is scored only for the masks the screen keeps on the lower bound (here:
+    # the feature suspect's half of the score, the pixel one's counted as 0)
+    _, score_rows = p.staged_score(keep)
+    pixel_before = p.parts[0].evaluations
+    screened, screened_score = score_rows(torch.ones(len(keep), dtype=torch.bool),
+                                          screen=lambda rows, lower: lower < 0.3)
+    expect = (parts[1] / 2 < 0.3).nonzero().flatten()
+    assert torch.equal(screened, expect) and 0 < len(expect) < len(keep)
+    assert p.parts[0].evaluations - pixel_before == len(expect)
+    assert torch.allclose(screened_score, p.score(keep)[expect], atol=1e-6)
+    # the refinement's and the give-back's question: which masks raise the reward (within an
+    # accuracy floor, at most a backdoor score): the same masks and numbers as filtering the
+    # plain reward terms
     from trojanprune.defenses.onp import RewardTerms
 
     terms = RewardTerms(Options(**one_layer), MaskEvaluator(case.model, units, held.x, held.y), p, units.total)
     direct = terms(keep)
     floor = float(terms.unpruned["acc"][0]) - 0.02
-    within, guarded = terms.within_floor(keep, floor)
-    assert torch.equal(within, direct["acc"] >= floor) and 0 < int(within.sum()) < len(keep)
-    for name, value in guarded.items():
-        assert torch.allclose(value, direct[name][within], atol=1e-6), name
-    none_within, nothing = terms.within_floor(keep, 2.0)
-    assert not bool(none_within.any()) and nothing is None
+    reward, lowest = float(direct["reward"].median()), float(direct["reward"].min())
+    median = float(direct["backdoor"].median())
+    for reward, bounds in ((reward, dict(floor=floor)), (reward, dict(backdoor=median)),
+                           (lowest, dict(floor=0.8, backdoor=median))):
+        qualified, improving = terms.improving(keep, reward, **bounds)
+        expect = direct["reward"] > reward + 1e-9
+        if "floor" in bounds:
+            expect &= direct["acc"] >= bounds["floor"]
+        if "backdoor" in bounds:
+            expect &= direct["backdoor"] <= bounds["backdoor"] + 1e-9
+        assert torch.equal(qualified, expect) and 0 < int(expect.sum()) < len(keep), bounds
+        for name, value in improving.items():
+            assert torch.allclose(value, direct[name][expect], atol=1e-6), name
+    none, nothing = terms.improving(keep, reward, floor=2.0)
+    assert not bool(none.any()) and nothing is None
     json.dumps(p.details())
     # a user target: that class in both spaces
     fixed = create_probe("suspects", case.model, units, fit, held, Options(target=5, **one_layer), seed=0)

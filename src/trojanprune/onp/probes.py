@@ -707,22 +707,46 @@ class SuspectsProbe(Probe):
         suspects are scored for every mask with the plain logits, the other suspects only
         for the rows asked: ONP's refinement keeps only the prunings whose held-out accuracy
         is within its guard, so it asks for those alone (the same numbers as :meth:`score`
-        of those rows)."""
+        of those rows).
+
+        ``score_rows(rows, screen)``, with a ``screen``, scores the other suspects one stage
+        at a time (each further layer's feature suspects in one shared pass, then each input-
+        space suspect) and, before each stage, keeps only the masks for which
+        ``screen(indices, lower)`` is true, ``lower`` being the score with the suspects not
+        yet scored counted as 0: a lower bound of the score, since every suspect's score is at
+        least 0 and the combination grows with each of them. It returns ``(indices, scores)``
+        of the masks kept to the end, scored in full: a screen that rejects only masks whose
+        lower bound already disqualifies them changes no decision about the others."""
         groups = self._feature_groups()
         known: dict[int, torch.Tensor] = {}
         held_logits = None
+        first: list[int] = []
         if groups:
-            module, parts = next(iter(groups.items()))
-            out = self._held_ev.branch_logits(masks, module, [self.parts[i].edit for i in parts] + [None])
-            known = {i: self.parts[i].score_held_logits(logits) for i, logits in zip(parts, out)}
+            module, first = next(iter(groups.items()))
+            out = self._held_ev.branch_logits(masks, module, [self.parts[i].edit for i in first] + [None])
+            known = {i: self.parts[i].score_held_logits(logits) for i, logits in zip(first, out)}
             held_logits = out[-1]
 
-        def score_rows(rows: torch.Tensor) -> torch.Tensor:
-            rows = torch.as_tensor(rows, dtype=torch.bool)
-            if not bool(rows.any()):
-                return torch.zeros(0)
-            picked = {i: s[rows.to(s.device)] for i, s in known.items()}
-            return self._combine(self._part_scores(masks[rows.to(masks.device)], picked))
+        def score_rows(rows: torch.Tensor, screen=None):
+            rows = torch.as_tensor(rows, dtype=torch.bool).cpu()
+            if screen is None:
+                if not bool(rows.any()):
+                    return torch.zeros(0)
+                picked = {i: s[rows.to(s.device)] for i, s in known.items()}
+                return self._combine(self._part_scores(masks[rows.to(masks.device)], picked))
+            index = rows.nonzero().flatten()
+            scores = {i: s.float().cpu()[index] for i, s in known.items()}
+            stages = [parts for parts in groups.values() if parts is not first]
+            stages += [[i] for i, p in enumerate(self.parts) if not isinstance(p, FeatureTriggerProbe)]
+            for stage in stages:
+                if len(index):
+                    kept = screen(index, self._combine(self._with_zeros(scores, len(index))))
+                    index = index[kept]
+                    scores = {i: s[kept] for i, s in scores.items()}
+                new = (self._score_parts(masks[index.to(masks.device)], stage) if len(index)
+                       else {i: torch.zeros(0) for i in stage})
+                scores.update({i: s.float().cpu() for i, s in new.items()})
+            return index, self._combine(self._with_zeros(scores, len(index)))
 
         return held_logits, score_rows
 
@@ -734,17 +758,29 @@ class SuspectsProbe(Probe):
                 groups.setdefault(p.features.module, []).append(i)
         return groups
 
-    def _part_scores(self, masks: torch.Tensor, known: dict[int, torch.Tensor]) -> torch.Tensor:
-        """(parts, M) every suspect's score of ``masks``; ``known``: scores already computed,
-        by part index. The feature suspects of one layer share one pass."""
-        scores = dict(known)
-        for module, parts in self._feature_groups().items():
-            todo = [i for i in parts if i not in scores]
+    def _score_parts(self, masks: torch.Tensor, parts: list[int]) -> dict[int, torch.Tensor]:
+        """The scores of ``masks`` by the suspects ``parts`` (indices into :attr:`parts`);
+        the feature suspects of one layer share one pass."""
+        scores: dict[int, torch.Tensor] = {}
+        for module, group in self._feature_groups().items():
+            todo = [i for i in group if i in parts]
             if todo:
                 out = self._held_ev.branch_logits(masks, module, [self.parts[i].edit for i in todo])
                 scores.update({i: self.parts[i].score_held_logits(logits) for i, logits in zip(todo, out)})
-        return torch.stack([(scores[i] if i in scores else p.score(masks)).float().cpu()
-                            for i, p in enumerate(self.parts)])
+        scores.update({i: self.parts[i].score(masks) for i in parts if i not in scores})
+        return scores
+
+    def _part_scores(self, masks: torch.Tensor, known: dict[int, torch.Tensor]) -> torch.Tensor:
+        """(parts, M) every suspect's score of ``masks``; ``known``: scores already computed,
+        by part index."""
+        scores = dict(known)
+        scores.update(self._score_parts(masks, [i for i in range(len(self.parts)) if i not in known]))
+        return self._with_zeros(scores, len(masks))
+
+    def _with_zeros(self, scores: dict[int, torch.Tensor], m: int) -> torch.Tensor:
+        """(parts, m) from the scores known by part index; 0 for the others."""
+        return torch.stack([scores[i].float().cpu() if i in scores else torch.zeros(m)
+                            for i in range(len(self.parts))])
 
     def _combine(self, scores: torch.Tensor) -> torch.Tensor:
         """(M,) backdoor score from the (parts, M) suspects' scores."""
