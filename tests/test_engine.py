@@ -13,6 +13,8 @@ from torch import nn
 from trojanprune import models
 from trojanprune.engine import (ChannelMasks, EvaluationBudgetExceeded, MaskEvaluator, Units,
                                 apply_masks_permanently, discover_units, export_pruned)
+from trojanprune.engine.evaluate import sharing_agreeing_masks
+from trojanprune.engine.masks import as_group_masks
 from trojanprune.errors import ConfigError, TrojanPruneError
 
 
@@ -736,6 +738,72 @@ def test_channels_last_copy_falls_back_where_it_would_break_or_not_help():
     assert channels_last_copy(viewing, torch.rand(2, 3, 8, 8)) is viewing  # .view() fails on the copy
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
     assert channels_last_copy(mlp, torch.rand(2, 3, 2, 2)) is mlp  # no convolution to speed up
+
+
+def one_change_masks(units, g: torch.Generator) -> torch.Tensor:
+    """A pruning and tries that each change one of its channels (ONP's refinement and
+    give-back ask for such masks), in every group, several per group, shuffled, with the
+    pruning itself, a copy of it and one unrelated mask among them."""
+    base = (torch.rand(units.total, generator=g) > 0.2).float()
+    tries = [base, base.clone()]
+    for name in units.names:
+        start, size = units.offset(name), units[name].size
+        for c in torch.randperm(size, generator=g)[:3].tolist():
+            t = base.clone()
+            t[start + c] = 1 - t[start + c]
+            tries.append(t)
+    tries.append((torch.rand(units.total, generator=g) > 0.5).float())
+    masks = torch.stack(tries)
+    return masks[torch.randperm(len(masks), generator=g)]
+
+
+@pytest.mark.parametrize("arch", ["vgg_small", "resnet20", "inplace", "densenet", "convnext", "inception"])
+def test_masks_that_agree_on_some_layers_share_them_and_give_the_same_logits(arch):
+    """Masks that differ from each other in one layer only are evaluated in groups that run the
+    network up to that layer once (MaskEvaluator._agreeing_parts): the same logits as one
+    forward per mask, on plain, residual, in-place, concatenating and channels-last models,
+    each mask counted once."""
+    from odd_models import ARCHS as ODD
+
+    torch.manual_seed(0)
+    if arch == "inplace":
+        model, x = _InplaceResidual().eval(), torch.rand(5, 3, 8, 8)
+    elif arch in ODD:
+        cls, side = ODD[arch]
+        model, x = cls(), torch.rand(5, 3, side, side)
+        model.train()
+        with torch.no_grad():
+            model(x)
+        model.eval()
+    else:
+        model, x = make(arch)
+        x = torch.rand(5, *x.shape[1:])
+    _randomize_norms(model)
+    units = discover_units(model, x[:1])
+    masks = one_change_masks(units, torch.Generator().manual_seed(3))
+    ev = MaskEvaluator(model, units, x, chunk=64)  # a few masks per forward
+    parts = ev._agreeing_parts(as_group_masks(units, masks), len(masks))
+    assert parts is not None and len(parts) >= len(units.names)  # one part per group at least
+    assert sorted(torch.cat([rows for rows, _ in parts]).tolist()) == list(range(len(masks)))
+    calls = []
+    original = ev._branches_fx
+    ev._branches_fx = lambda *a, **k: calls.append(len(a[0]) if a[0] else 0) or original(*a, **k)
+    got = ev.logits(masks)
+    assert len(calls) == 1  # off by default: one call
+    with sharing_agreeing_masks():
+        shared = ev.logits(masks)
+    assert len(calls) == 1 + len(parts) and ev.evaluations == 2 * len(masks)
+    assert (shared - naive_logits(model, units, x, masks)).abs().max() < 1e-4
+    assert (shared - got).abs().max() < 1e-4
+    # and with an edit at a hook point, each branch as separate calls
+    module = units[units.names[len(units.names) // 2]].hook_points[0]
+    with sharing_agreeing_masks():
+        plain, edited = ev.branch_logits(masks, module, [None, lambda out, j0, j1: out * 1.5])
+    assert (plain - got).abs().max() < 1e-5
+    alone = torch.cat([ev.edited_logits(masks[i:i + 1], module, lambda out, j0, j1: out * 1.5, grad=False)
+                       for i in range(len(masks))])  # one mask a call: no parts
+    assert (edited - alone).abs().max() < 1e-4
+    assert (edited - plain).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("arch", ["densenet", "senet", "shufflenet", "convnext", "vit", "inception",

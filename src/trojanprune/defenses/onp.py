@@ -68,8 +68,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine import (MaskEvaluator, apply_masks_permanently, discover_units, soft_accuracy,
-                      top1_accuracy)
+from ..engine import (MaskEvaluator, apply_masks_permanently, discover_units, sharing_agreeing_masks,
+                      soft_accuracy, top1_accuracy)
 from ..errors import ConfigError, DataError
 from ..progress import log, progress_bar
 from ..reverse import LARGE_MASK_ACCURACY_RATIO
@@ -808,7 +808,13 @@ class RewardTerms:
         (:meth:`SuspectsProbe.staged_score`) drops a mask as soon as its suspects scored so
         far show that it cannot qualify. That holds because the reward falls as the backdoor
         score rises (``backdoor_weight`` >= 0) and the partial score is a lower bound of the
-        whole. The refinement and the give-back step ask this of every try."""
+        whole. The refinement and the give-back step ask this of every try; their tries
+        differ from each other in one layer each, so the masked network up to that layer runs
+        once for all the tries in it (:func:`~trojanprune.engine.sharing_agreeing_masks`)."""
+        with sharing_agreeing_masks():
+            return self._improving(keep, reward, floor, backdoor)
+
+    def _improving(self, keep, reward, floor, backdoor):
         staged = getattr(self.probe, "staged_score", None) if self._shared else None
         held_logits, score_rows = staged(keep) if staged is not None else (None, None)
         acc = self._held_accuracy(keep, held_logits).cpu()

@@ -20,8 +20,8 @@ Typical search::
     repaired = apply_masks_permanently(model, units, pruned)
 """
 
-from .evaluate import (EvaluationBudgetExceeded, MaskEvaluator, soft_accuracy, target_margin,
-                       top1_accuracy)
+from .evaluate import (EvaluationBudgetExceeded, MaskEvaluator, sharing_agreeing_masks, soft_accuracy,
+                       target_margin, top1_accuracy)
 from .export import export_pruned
 from .masks import ChannelMasks, apply_masks_permanently, as_group_masks, scale_channels
 from .units import UnitGroup, Units, channel_dim, discover_units
@@ -29,5 +29,5 @@ from .units import UnitGroup, Units, channel_dim, discover_units
 __all__ = [
     "ChannelMasks", "EvaluationBudgetExceeded", "MaskEvaluator", "UnitGroup", "Units",
     "apply_masks_permanently", "as_group_masks", "channel_dim", "discover_units", "export_pruned",
-    "scale_channels", "soft_accuracy", "target_margin", "top1_accuracy",
+    "scale_channels", "sharing_agreeing_masks", "soft_accuracy", "target_margin", "top1_accuracy",
 ]

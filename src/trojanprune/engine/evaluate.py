@@ -19,6 +19,8 @@ compute the same numbers as :class:`~trojanprune.engine.masks.ChannelMasks` on t
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -34,8 +36,23 @@ from .memory import leaf_output_bytes
 from .units import Units
 
 _WARNED: set[str] = set()
+_SHARING: contextvars.ContextVar[bool] = contextvars.ContextVar("share_agreeing_masks", default=False)
 # Target size of the largest activation per forward on CPU, per thread (about one L2 cache).
 _CPU_CACHE_BYTES = 2 << 20
+
+
+@contextlib.contextmanager
+def sharing_agreeing_masks():
+    """Inside, every :class:`MaskEvaluator` call without gradients runs masks that agree on
+    some groups as a part that computes those groups once (:meth:`MaskEvaluator._agreeing_parts`).
+    The same numbers up to float rounding: the shared layers run at another batch size. Off
+    by default, so that a search's figures do not move with the masks it happens to batch
+    together; ONP turns it on for its one-change-at-a-time steps (refinement, give-back)."""
+    token = _SHARING.set(True)
+    try:
+        yield
+    finally:
+        _SHARING.reset(token)
 
 
 class EvaluationBudgetExceeded(TrojanPruneError):
@@ -222,7 +239,19 @@ class MaskEvaluator:
                 self._check_weights()
                 # Gradients for the model's own trainable parameters must come from the model.
                 self._live = grad and any(p.requires_grad for p in self.model.parameters())
-                return self._branches_fx(group_masks, m, module, edits, after_mask)
+                parts = self._agreeing_parts(group_masks, m) if _SHARING.get() and not grad else None
+                if not parts:
+                    return self._branches_fx(group_masks, m, module, edits, after_mask)
+                outs: list[torch.Tensor | None] = [None] * len(edits)
+                for rows, common in parts:
+                    varying = {g: t[rows] for g, t in group_masks.items()
+                               if g not in common and not bool((t[rows] == 1).all())}
+                    part = self._branches_fx(varying, len(rows), module, edits, after_mask, common)
+                    for e, logits in enumerate(part):
+                        if outs[e] is None:
+                            outs[e] = logits.new_empty((m,) + tuple(logits.shape[1:]))
+                        outs[e][rows.to(logits.device)] = logits
+                return outs
         finally:
             for mod, flag in flags.items():
                 mod.training = flag
@@ -232,6 +261,40 @@ class MaskEvaluator:
         if module not in self._specs:
             raise ConfigError(f"{module!r} is not a hook point of these units; choose one of "
                               f"{sorted(self._specs)[:8]}{' ...' if len(self._specs) > 8 else ''}")
+
+    def _agreeing_parts(self, masks: dict[str, torch.Tensor], m: int):
+        """Masks that agree on some groups share what those groups compute: a list of
+        ``(rows, common)`` covering every mask once, ``common`` the groups on which the masks
+        ``rows`` all equal the masks' consensus (the value most masks give each unit), with
+        that row; None when no two masks agree that way (each mask then runs as before).
+
+        Why: a search that tries one change at a time to a pruning (ONP's refinement and
+        give-back: one channel more or less) asks for masks that differ from each other in one
+        layer only. Grouped by that layer, the network up to it is the same masked network for
+        every mask of the group, so it runs once for the group (:meth:`_common_cache`) instead
+        of once per mask."""
+        if m < 3 or not masks:
+            return None
+        differs = {g: (t != torch.mode(t, dim=0).values).any(1).cpu() for g, t in masks.items()}
+        groups = list(masks)
+        keys: dict[tuple, list[int]] = {}
+        for i in range(m):
+            keys.setdefault(tuple(g for g in groups if bool(differs[g][i])), []).append(i)
+        out, rest = [], []
+        for key, rows in keys.items():
+            # a group all of whose units the part keeps needs no mask; only a pruned (or
+            # scaled) common group has something to share
+            common = {g: masks[g][rows[0]] for g in groups if g not in key}
+            common = {g: row for g, row in common.items() if not bool((row == 1).all())}
+            if len(rows) >= 2 and common:
+                out.append((torch.tensor(rows), common))
+            else:
+                rest.extend(rows)
+        if not out:
+            return None
+        if rest:
+            out.append((torch.tensor(sorted(rest)), {}))
+        return out
 
     def _prepare(self, masks: MaskInput) -> tuple[dict[str, torch.Tensor], int]:
         group_masks = as_group_masks(self.units, masks, device=self.device, dtype=torch.float32)
@@ -440,8 +503,29 @@ class MaskEvaluator:
             else:
                 self._cache[node] = blocks[0][node]
 
-    def _run_clean(self, wanted: set[fx.Node], b0: int, b1: int) -> dict[fx.Node, Any]:
-        """Unmasked values of ``wanted`` nodes on images[b0:b1] (only their ancestors run)."""
+    def _common_cache(self, plan: _Plan, common: dict[str, torch.Tensor]) -> dict[fx.Node, Any]:
+        """The values ``plan`` reads from outside its dirty part, with the ``common`` masks
+        (group -> (size,) mask, the same for every mask of the call) applied: the cached clean
+        values where no common mask reaches them, the others computed here, once for the call."""
+        reached = self._plan(frozenset(name for name, spec in self._specs.items()
+                                       if any(entry[0] in common for entry in spec.entries))).dirty
+        needs = plan.frontier & reached
+        if not needs:
+            return self._cache
+        cache = {n: self._cache[n] for n in plan.frontier - needs}
+        meta = self._node_meta()
+        widest = max(self._bytes.values(), default=0)
+        with torch.no_grad():
+            blocks = [self._run_clean(needs, b0, b1, common) for b0, b1 in self._blocks(1, widest)[1]]
+        for node in needs:
+            cache[node] = (torch.cat([blk[node] for blk in blocks], 0) if meta[node] == "batch"
+                           else blocks[0][node])
+        return cache
+
+    def _run_clean(self, wanted: set[fx.Node], b0: int, b1: int,
+                   masks: Mapping[str, torch.Tensor] | None = None) -> dict[fx.Node, Any]:
+        """Values of ``wanted`` nodes on images[b0:b1] (only their ancestors run): unmasked,
+        or under one mask per group (``masks``: group -> (size,) mask)."""
         todo = _ancestors(wanted)
         order = [n for n in self._graph.nodes if n in todo and n.op != "output"]
         last = {}
@@ -453,6 +537,11 @@ class MaskEvaluator:
         x = self.images[b0:b1]
         for i, node in enumerate(order):
             env[node] = self._exec(node, env, x)
+            if masks and node.op == "call_module" and node.target in self._specs:
+                spec = self._specs[node.target]
+                mult = spec.multiplier(masks, env[node].shape[spec.dim])
+                if mult is not None:
+                    env[node] = scale_channels(env[node], mult, spec.dim)
             if node in wanted:
                 v = env[node]
                 # Clone: a later in-place op (ReLU(inplace=True)) must not alter the cache.
@@ -463,16 +552,24 @@ class MaskEvaluator:
         return kept
 
     def _branches_fx(self, masks: dict[str, torch.Tensor], m: int, module: str | None,
-                     edits: list, after_mask: bool) -> list[torch.Tensor]:
+                     edits: list, after_mask: bool,
+                     common: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Logits for each of ``edits`` (an edit function, or None for no edit) at the hook
         point ``module``: everything up to ``module``'s output runs once per block and is
-        shared by the branches; only the layers after it run once per branch."""
+        shared by the branches; only the layers after it run once per branch. ``common``:
+        groups whose one (size,) mask every mask shares (:meth:`_agreeing_parts`); what only
+        they change runs once for the call."""
+        common = common or {}
         masked = frozenset(name for name, spec in self._specs.items()
                            if any(entry[0] in masks for entry in spec.entries))
         if module is not None:
             masked = masked | {module}
         plan = self._plan(masked)
         self._fill_cache(plan)
+        cache = self._common_cache(plan, common) if common else self._cache
+        # every masked module in the dirty part applies its masks, the common ones included
+        applied = plan.masked | {name for name, spec in self._specs.items()
+                                 if any(entry[0] in common for entry in spec.entries)}
         meta = self._node_meta()
         output = next(n for n in reversed(self._graph.nodes) if n.op == "output")
         split = next((i for i, node in enumerate(plan.run)
@@ -481,7 +578,8 @@ class MaskEvaluator:
         rows: list[list[torch.Tensor]] = [[] for _ in edits]
         for m0, m1 in mask_blocks:
             k = m1 - m0
-            block_masks = {g: t[m0:m1] for g, t in masks.items()}
+            block_masks = {**{g: row.expand(k, -1) for g, row in common.items()},
+                           **{g: t[m0:m1] for g, t in masks.items()}}
             cols: list[list[torch.Tensor]] = [[] for _ in edits]
             for b0, b1 in image_blocks:
                 shared: dict[fx.Node, Any] = {}
@@ -490,7 +588,7 @@ class MaskEvaluator:
                     def value(node: fx.Node):
                         if node in env:
                             return env[node]
-                        v = self._cache[node]
+                        v = cache[node]
                         if meta[node] == "batch":
                             v = v[b0:b1]
                             v = v.repeat(k, *([1] * (v.dim() - 1)))  # mask-major copy
@@ -516,7 +614,7 @@ class MaskEvaluator:
                     out = call(env, i) if raw is None else raw
                     if fn is not None and not after_mask:
                         out = fn(out.reshape(k, b1 - b0, *out.shape[1:]), m0, m1).reshape(out.shape)
-                    if node.op == "call_module" and node.target in plan.masked:
+                    if node.op == "call_module" and node.target in applied:
                         spec = self._specs[node.target]
                         mult = spec.multiplier(block_masks, out.shape[spec.dim])
                         if mult is not None:
