@@ -809,8 +809,9 @@ class RewardTerms:
         far show that it cannot qualify. That holds because the reward falls as the backdoor
         score rises (``backdoor_weight`` >= 0) and the partial score is a lower bound of the
         whole. The refinement and the give-back step ask this of every try; their tries
-        differ from each other in one layer each, so the masked network up to that layer runs
-        once for all the tries in it (:func:`~trojanprune.engine.sharing_agreeing_masks`)."""
+        change one channel each and come in unit order, so the tries of one layer are
+        consecutive masks that agree on every other layer, and the masked network up to that
+        layer runs once for all of them (:func:`~trojanprune.engine.sharing_agreeing_masks`)."""
         with sharing_agreeing_masks():
             return self._improving(keep, reward, floor, backdoor)
 

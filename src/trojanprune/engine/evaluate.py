@@ -1,7 +1,7 @@
 """Fast masked evaluation: the hot path of every pruning search.
 
 Searches (Shapley sampling, RL rollouts, threshold sweeps) evaluate thousands of candidate
-masks on the same few images. Two things make that cheap:
+masks on the same few images. These things make that cheap:
 
 1. **Mask batching.** M masks x B images run as one forward pass of M*B images (mask-major),
    chunked to bound memory, instead of M small forward passes whose cost is mostly overhead.
@@ -11,6 +11,9 @@ masks on the same few images. Two things make that cheap:
    whose mask is not all ones) is among its ancestors, and only dirty nodes run at M*B, fed by
    cached clean values repeated M times. A search over the last layers therefore only pays for
    the last layers.
+3. **Shared agreeing layers** (opt-in, :func:`sharing_agreeing_masks`). Masks that agree on
+   some pruned groups, as the tries of a search that changes one channel at a time do, run
+   the masked network up to where they differ once for the group of them.
 
 When ``torch.fx`` cannot trace a model (data-dependent control flow), the evaluator falls back
 to forward hooks on the whole model (batching only), with a one-time warning. Both paths
@@ -43,8 +46,9 @@ _CPU_CACHE_BYTES = 2 << 20
 
 @contextlib.contextmanager
 def sharing_agreeing_masks():
-    """Inside, every :class:`MaskEvaluator` call without gradients runs masks that agree on
-    some groups as a part that computes those groups once (:meth:`MaskEvaluator._agreeing_parts`).
+    """Inside, every :class:`MaskEvaluator` call without gradients runs consecutive masks that
+    agree on some groups as a part that computes those groups once
+    (:meth:`MaskEvaluator._agreeing_parts`).
     The same numbers up to float rounding: the shared layers run at another batch size. Off
     by default, so that a search's figures do not move with the masks it happens to batch
     together; ONP turns it on for its one-change-at-a-time steps (refinement, give-back)."""
@@ -242,16 +246,16 @@ class MaskEvaluator:
                 parts = self._agreeing_parts(group_masks, m) if _SHARING.get() and not grad else None
                 if not parts:
                     return self._branches_fx(group_masks, m, module, edits, after_mask)
-                outs: list[torch.Tensor | None] = [None] * len(edits)
-                for rows, common in parts:
-                    varying = {g: t[rows] for g, t in group_masks.items()
-                               if g not in common and not bool((t[rows] == 1).all())}
-                    part = self._branches_fx(varying, len(rows), module, edits, after_mask, common)
+                outs: list[list[torch.Tensor]] = [[] for _ in edits]
+                for start, stop, common in parts:
+                    varying = {g: t[start:stop] for g, t in group_masks.items()
+                               if g not in common and not bool((t[start:stop] == 1).all())}
+                    # an edit's mask indices are the call's, not the part's
+                    shifted = [None if fn is None else _shifted(fn, start) for fn in edits]
+                    part = self._branches_fx(varying, stop - start, module, shifted, after_mask, common)
                     for e, logits in enumerate(part):
-                        if outs[e] is None:
-                            outs[e] = logits.new_empty((m,) + tuple(logits.shape[1:]))
-                        outs[e][rows.to(logits.device)] = logits
-                return outs
+                        outs[e].append(logits)
+                return [torch.cat(o, 0) for o in outs]
         finally:
             for mod, flag in flags.items():
                 mod.training = flag
@@ -263,38 +267,42 @@ class MaskEvaluator:
                               f"{sorted(self._specs)[:8]}{' ...' if len(self._specs) > 8 else ''}")
 
     def _agreeing_parts(self, masks: dict[str, torch.Tensor], m: int):
-        """Masks that agree on some groups share what those groups compute: a list of
-        ``(rows, common)`` covering every mask once, ``common`` the groups on which the masks
-        ``rows`` all equal the masks' consensus (the value most masks give each unit), with
-        that row; None when no two masks agree that way (each mask then runs as before).
+        """Consecutive masks that agree on some groups share what those groups compute: a
+        list of ``(start, stop, common)`` ranges covering the masks in order, ``common`` the
+        groups on which masks ``start:stop`` all equal the masks' consensus (the value most
+        masks give each unit), with that row, or {} for a range that shares nothing; None
+        when no range shares anything (the masks then run as one call, as without sharing).
+        Ranges, not sets of rows, so that an edit's mask indices stay a slice.
 
         Why: a search that tries one change at a time to a pruning (ONP's refinement and
-        give-back: one channel more or less) asks for masks that differ from each other in one
-        layer only. Grouped by that layer, the network up to it is the same masked network for
-        every mask of the group, so it runs once for the group (:meth:`_common_cache`) instead
-        of once per mask."""
+        give-back: one channel more or less, in unit order) asks for masks that differ from
+        each other in one layer only. Grouped by that layer, the network up to it is the same
+        masked network for every mask of the group, so it runs once for the group
+        (:meth:`_common_cache`) instead of once per mask."""
         if m < 3 or not masks:
             return None
-        differs = {g: (t != torch.mode(t, dim=0).values).any(1).cpu() for g, t in masks.items()}
         groups = list(masks)
-        keys: dict[tuple, list[int]] = {}
-        for i in range(m):
-            keys.setdefault(tuple(g for g in groups if bool(differs[g][i])), []).append(i)
-        out, rest = [], []
-        for key, rows in keys.items():
-            # a group all of whose units the part keeps needs no mask; only a pruned (or
-            # scaled) common group has something to share
-            common = {g: masks[g][rows[0]] for g in groups if g not in key}
-            common = {g: row for g, row in common.items() if not bool((row == 1).all())}
-            if len(rows) >= 2 and common:
-                out.append((torch.tensor(rows), common))
+        differs = torch.stack([(t != torch.mode(t, dim=0).values).any(1).cpu() for t in masks.values()], 1)
+        runs: list[list] = []  # [start, stop, key]: consecutive masks that differ in the same groups
+        for i, row in enumerate(differs.tolist()):
+            key = tuple(g for g, d in zip(groups, row) if d)
+            if runs and runs[-1][2] == key:
+                runs[-1][1] = i + 1
             else:
-                rest.extend(rows)
-        if not out:
-            return None
-        if rest:
-            out.append((torch.tensor(sorted(rest)), {}))
-        return out
+                runs.append([i, i + 1, key])
+        out: list[tuple[int, int, dict]] = []
+        for start, stop, key in runs:
+            # a group all of whose units the range keeps needs no mask; only a pruned (or
+            # scaled) common group has something to share
+            common = {g: masks[g][start] for g in groups if g not in key}
+            common = {g: row for g, row in common.items() if not bool((row == 1).all())}
+            if stop - start < 2 or not common:
+                common = {}
+            if out and not common and not out[-1][2]:
+                out[-1] = (out[-1][0], stop, {})  # ranges that share nothing run together
+            else:
+                out.append((start, stop, common))
+        return out if any(common for _, _, common in out) else None
 
     def _prepare(self, masks: MaskInput) -> tuple[dict[str, torch.Tensor], int]:
         group_masks = as_group_masks(self.units, masks, device=self.device, dtype=torch.float32)
@@ -671,6 +679,11 @@ class MaskEvaluator:
                 obj = getattr(obj, part)  # live lookup: follows .to(device) and reassignment
             return obj
         raise TrojanPruneError(f"unexpected fx node {node.op} {node.target}")
+
+
+def _shifted(edit, start: int):
+    """``edit`` for the masks of a range starting at ``start``: it gets the call's indices."""
+    return lambda out, j0, j1: edit(out, start + j0, start + j1)
 
 
 def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
