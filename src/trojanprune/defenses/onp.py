@@ -731,9 +731,10 @@ class ONP(Defense):
         later one only those that qualified at the step before. Wherever trying every channel
         at every step would return at most one, this returns the same (that rule's second step
         finds nothing among all the channels, so nothing among these); where it returns many,
-        this saves most of each step's cost, which grows with the suspects (vgg_small SIG, eight suspects: 13 full
-        steps took 179 s; BENCHMARKS.md, "Stop 41"). Only the defender's held-out half and
-        the probe decide."""
+        this saves most of each step's cost, which grows with the suspects (vgg_small SIG,
+        eight suspects: 13 full steps took 179 s, the lazy ones 25 s, returning 4 channels
+        instead of 12; BENCHMARKS.md, "Stop 41"). Only the defender's held-out half and the
+        probe decide."""
         keep = keep.clone().float().cpu()
         now = measure(keep[None])
         reward, backdoor = float(now["reward"][0]), float(now["backdoor"][0])
@@ -803,7 +804,8 @@ class RewardTerms:
         """``(qualified, terms)``: which keep masks raise the reward above ``reward`` (with a
         held-out accuracy of at least ``floor`` and a backdoor score of at most ``backdoor``,
         where given), and the reward terms of those alone (None when none does). The same
-        masks and numbers as filtering ``self(keep)``, for less: the held-out accuracy is
+        masks and numbers as filtering ``self(keep)`` (up to float rounding: see below), for
+        less: the held-out accuracy is
         measured first, and a probe that scores its suspects in stages
         (:meth:`SuspectsProbe.staged_score`) drops a mask as soon as its suspects scored so
         far show that it cannot qualify. That holds because the reward falls as the backdoor
