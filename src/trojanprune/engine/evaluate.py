@@ -499,17 +499,8 @@ class MaskEvaluator:
 
     def _fill_cache(self, plan: _Plan) -> None:
         missing = plan.frontier - set(self._cache)
-        if not missing:
-            return
-        meta = self._node_meta()
-        widest = max(self._bytes.values(), default=0)
-        with torch.no_grad():  # cached values are constants, also under edited_logits
-            blocks = [self._run_clean(missing, b0, b1) for b0, b1 in self._blocks(1, widest)[1]]
-        for node in missing:
-            if meta[node] == "batch":
-                self._cache[node] = torch.cat([blk[node] for blk in blocks], 0)
-            else:
-                self._cache[node] = blocks[0][node]
+        if missing:
+            self._cache.update(self._on_all_images(missing))
 
     def _common_cache(self, plan: _Plan, common: dict[str, torch.Tensor]) -> dict[fx.Node, Any]:
         """The values ``plan`` reads from outside its dirty part, with the ``common`` masks
@@ -521,14 +512,18 @@ class MaskEvaluator:
         if not needs:
             return self._cache
         cache = {n: self._cache[n] for n in plan.frontier - needs}
+        cache.update(self._on_all_images(needs, common))
+        return cache
+
+    def _on_all_images(self, nodes: set[fx.Node],
+                       masks: Mapping[str, torch.Tensor] | None = None) -> dict[fx.Node, Any]:
+        """:meth:`_run_clean` of ``nodes`` on every image, block by block, joined."""
         meta = self._node_meta()
         widest = max(self._bytes.values(), default=0)
-        with torch.no_grad():
-            blocks = [self._run_clean(needs, b0, b1, common) for b0, b1 in self._blocks(1, widest)[1]]
-        for node in needs:
-            cache[node] = (torch.cat([blk[node] for blk in blocks], 0) if meta[node] == "batch"
-                           else blocks[0][node])
-        return cache
+        with torch.no_grad():  # constants for the calls that read them, also under edited_logits
+            blocks = [self._run_clean(nodes, b0, b1, masks) for b0, b1 in self._blocks(1, widest)[1]]
+        return {node: (torch.cat([blk[node] for blk in blocks], 0) if meta[node] == "batch"
+                       else blocks[0][node]) for node in nodes}
 
     def _run_clean(self, wanted: set[fx.Node], b0: int, b1: int,
                    masks: Mapping[str, torch.Tensor] | None = None) -> dict[fx.Node, Any]:

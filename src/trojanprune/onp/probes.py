@@ -698,25 +698,25 @@ class SuspectsProbe(Probe):
         if not plain:
             return self._combine(self._part_scores(masks, {})), None
         held_logits, score_rows = self.staged_score(masks)
-        return score_rows(torch.ones(len(masks), dtype=torch.bool)), held_logits
+        return score_rows(torch.ones(len(masks), dtype=torch.bool))[1], held_logits
 
     def staged_score(self, masks: torch.Tensor):
         """``(held_logits, score_rows)``: the plain held-out logits under ``masks`` (None when
         the probe has no feature suspect to compute them with), and a function giving
-        :meth:`score` of ``masks[rows]`` for a boolean ``rows``. The first layer's feature
+        :meth:`score` of the masks ``rows`` (boolean) asks for. The first layer's feature
         suspects are scored for every mask with the plain logits, the other suspects only
         for the rows asked: ONP's refinement keeps only the prunings whose held-out accuracy
-        is within its guard, so it asks for those alone (the same numbers as :meth:`score`
-        of those rows).
+        is within its guard, so it asks for those alone.
 
-        ``score_rows(rows, screen)``, with a ``screen``, scores the other suspects one stage
-        at a time (each further layer's feature suspects in one shared pass, then each input-
-        space suspect) and, before each stage, keeps only the masks for which
+        ``score_rows(rows, screen=None)`` scores the other suspects one stage at a time (each
+        further layer's feature suspects in one shared pass, then each input-space suspect)
+        and, with a ``screen``, before each stage keeps only the masks for which
         ``screen(indices, lower)`` is true, ``lower`` being the score with the suspects not
         yet scored counted as 0: a lower bound of the score, since every suspect's score is at
         least 0 and the combination grows with each of them. It returns ``(indices, scores)``
-        of the masks kept to the end, scored in full: a screen that rejects only masks whose
-        lower bound already disqualifies them changes no decision about the others."""
+        of the masks kept to the end, scored in full (the same numbers as :meth:`score` of
+        those masks): a screen that rejects only masks whose lower bound already disqualifies
+        them changes no decision about the others."""
         groups = self._feature_groups()
         known: dict[int, torch.Tensor] = {}
         held_logits = None
@@ -728,18 +728,12 @@ class SuspectsProbe(Probe):
             held_logits = out[-1]
 
         def score_rows(rows: torch.Tensor, screen=None):
-            rows = torch.as_tensor(rows, dtype=torch.bool).cpu()
-            if screen is None:
-                if not bool(rows.any()):
-                    return torch.zeros(0)
-                picked = {i: s[rows.to(s.device)] for i, s in known.items()}
-                return self._combine(self._part_scores(masks[rows.to(masks.device)], picked))
-            index = rows.nonzero().flatten()
+            index = torch.as_tensor(rows, dtype=torch.bool).cpu().nonzero().flatten()
             scores = {i: s.float().cpu()[index] for i, s in known.items()}
             stages = [parts for parts in groups.values() if parts is not first]
             stages += [[i] for i, p in enumerate(self.parts) if not isinstance(p, FeatureTriggerProbe)]
             for stage in stages:
-                if len(index):
+                if screen is not None and len(index):
                     kept = screen(index, self._combine(self._with_zeros(scores, len(index))))
                     index = index[kept]
                     scores = {i: s[kept] for i, s in scores.items()}
