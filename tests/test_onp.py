@@ -938,6 +938,23 @@ def test_options_from_cli_strings(backdoor_case):
         make_options(Options, {"confirm_on_all": "maybe"}, "onp")
 
 
+def test_the_pixel_reverse_stops_each_class_as_it_settles_unless_told_otherwise(monkeypatch):
+    import trojanprune.reverse as reverse
+    from trojanprune.defenses.onp import Options
+    from trojanprune.onp.probes import pixel_reverse
+
+    seen = []
+    monkeypatch.setattr(reverse, "reverse_triggers", lambda *a, **k: seen.append(k["per_class_stop"]))
+    fit = CleanData(torch.zeros(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]), 2)
+    pixel_reverse(None, fit, Options(), 0, False)
+    pixel_reverse(None, fit, Options(reverse_per_class_stop=False), 0, False)
+    pixel_reverse(None, fit, Options(), 0, False, per_class_stop=False)  # a caller's choice wins
+    pixel_reverse(None, fit, object(), 0, False)  # options without the field: the batched stop
+    assert seen == [True, False, False, False]
+    with pytest.raises(ConfigError, match="reverse_per_class_stop must be true or false"):
+        Options(reverse_per_class_stop="yes")
+
+
 class _Dense(torch.nn.Module):
     """DenseNet-style: a layer's channels are a slice of the BatchNorm that reads the concat."""
 

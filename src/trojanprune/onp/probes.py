@@ -240,10 +240,12 @@ def activation_shift(model: nn.Module, units: Units, clean: torch.Tensor,
 def pixel_reverse(model: nn.Module, fit: CleanData, options: Any, seed: int, progress: bool,
                   **extra):
     """Neural Cleanse's pixel-space reverse on the fit half, with ONP's reverse options (and
-    ``extra`` keyword arguments of :func:`trojanprune.reverse.reverse_triggers`)."""
+    ``extra`` keyword arguments of :func:`trojanprune.reverse.reverse_triggers`, which win).
+    Options without ``reverse_per_class_stop`` get the batched stop."""
     from ..reverse import reverse_triggers
 
     kwargs = dict(extra)
+    kwargs.setdefault("per_class_stop", bool(getattr(options, "reverse_per_class_stop", False)))
     if getattr(options, "reverse_steps", None) is not None:
         kwargs["steps"] = int(options.reverse_steps)
     if getattr(options, "reverse_batch_size", None) is not None:
