@@ -29,7 +29,8 @@ itself are left out of class ``k``'s loss and success rate; ``cost_schedule="fix
 The batched problem stops early only once every class has settled, so a class that settles
 early goes on improving its mask meanwhile; ``per_class_stop=True`` freezes each class when it
 settles, as Neural Cleanse's separate per-class runs do, and leaves its pairs out of the later
-steps (cheaper; off by default: it changes the reversed masks the benchmarks were measured on).
+steps (cheaper). It is off by default here and in ShapPruning, whose benchmarks were measured
+with the batched stop; ONP turns it on (its ``reverse_per_class_stop``, since stop 42).
 With many classes a step's K x B images are split into passes that fit in memory, and their
 gradients are added up (:mod:`trojanprune.engine.memory`).
 """
@@ -251,7 +252,7 @@ def reverse_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cla
                         start = ~cost_set & (set_count >= patience)
                         cost = torch.where(start, torch.full_like(cost, init_cost), cost)
                         cost_set = cost_set | start
-                        live = cost_set & ~start
+                        live = cost_set & ~start & ~frozen  # a frozen class keeps its cost
                         up_count = torch.where(live & ok, up_count + 1, 0)
                         down_count = torch.where(live & ~ok, down_count + 1, 0)
                         up = up_count >= patience
