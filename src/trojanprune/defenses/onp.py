@@ -112,8 +112,10 @@ class Options:
         stop; False: the batched problem runs every class until all have settled (the
         default until stop 41, and ShapPruning's). Why: the pixel reverse was about 190 s of
         a vgg_small repair's 460-615 s, and freezing settled classes cut it by 21-33% with the
-        same flags on the two models timed (stop 39); the settled classes' masks come out
-        0-17% larger, as Neural Cleanse's own runs leave them (BENCHMARKS.md, "Stop 42").
+        same flags on the two models timed (stop 39); with it the vgg_small WaNet and SIG
+        repairs took 531 and 533 s alone on 2 cores instead of 589 and 590-615, with the same
+        flags and suspects. The settled classes' masks come out 0-17% larger, as Neural
+        Cleanse's own runs leave them (BENCHMARKS.md, "Stop 39" and "Stop 42").
     score_margin: reversed-trigger probe: a stamped image counts as backdoored while the target
         logit is within this many logits of the top one (2.0; 0 = the plain success rate; see
         :mod:`trojanprune.onp.probes` for the calibration behind it).
@@ -367,8 +369,8 @@ class Options:
         for name in ("target", "reverse_steps", "reverse_batch_size"):
             setattr(self, name, optional_number(getattr(self, name), name, integer=True,
                                                 none_words=("", "auto", "none")))
-        for name in ("reverse_per_class_stop", "confirm_on_all", "suspect_large_masks", "suspect_last_layer", "pixel_when_agreed",
-                     "suspect_warps"):
+        for name in ("reverse_per_class_stop", "confirm_on_all", "suspect_large_masks", "suspect_last_layer",
+                     "pixel_when_agreed", "suspect_warps"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.warp_steps, bool) or not isinstance(self.warp_steps, int) or self.warp_steps < 1:
