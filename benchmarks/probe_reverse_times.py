@@ -4,8 +4,8 @@
         benchmarks/zoo/cifar10-vgg_small-badnets --threads 2
 
 The defender's 500 clean training images (seed 0), split as ONP splits them; the pixel-space
-reverse on the fit half (with the batched stop unless ``--per-class-stop``: ONP's default
-since stop 42) and the feature-space reverse at the two layers the probe uses, each with ONP's
+reverse on the fit half (with the batched stop, ONP's default, unless ``--per-class-stop``)
+and the feature-space reverse at the two layers the probe uses, each with ONP's
 default options and seeds; then the warp reverse (``suspect_warps``, on by default
 since stop 38) on the same fit half. The flags are the classes each reverse's MAD test names.
 """
@@ -35,8 +35,8 @@ def main():
     ap.add_argument("--skip-features", action="store_true")
     ap.add_argument("--skip-warp", action="store_true")
     ap.add_argument("--per-class-stop", action="store_true",
-                    help="the pixel reverse freezes each class as it settles (ONP's default since "
-                         "stop 42; without this flag the batched stop, as stop 39 measured it)")
+                    help="the pixel reverse freezes each class as it settles (ONP's "
+                         "reverse_per_class_stop; not its default)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     options = Options()
