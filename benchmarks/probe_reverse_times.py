@@ -4,8 +4,9 @@
         benchmarks/zoo/cifar10-vgg_small-badnets --threads 2
 
 The defender's 500 clean training images (seed 0), split as ONP splits them; the pixel-space
-reverse on the fit half and the feature-space reverse at the two layers the probe uses, each
-with ONP's default options and seeds; then the warp reverse (``suspect_warps``, on by default
+reverse on the fit half (with the batched stop, ONP's default, unless ``--per-class-stop``)
+and the feature-space reverse at the two layers the probe uses, each with ONP's
+default options and seeds; then the warp reverse (``suspect_warps``, on by default
 since stop 38) on the same fit half. The flags are the classes each reverse's MAD test names.
 """
 
@@ -34,7 +35,8 @@ def main():
     ap.add_argument("--skip-features", action="store_true")
     ap.add_argument("--skip-warp", action="store_true")
     ap.add_argument("--per-class-stop", action="store_true",
-                    help="the pixel reverse freezes each class as it settles (not ONP's default)")
+                    help="the pixel reverse freezes each class as it settles (ONP's "
+                         "reverse_per_class_stop; not its default)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     options = Options()

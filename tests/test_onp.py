@@ -938,7 +938,7 @@ def test_options_from_cli_strings(backdoor_case):
         make_options(Options, {"confirm_on_all": "maybe"}, "onp")
 
 
-def test_the_pixel_reverse_stops_each_class_as_it_settles_unless_told_otherwise(monkeypatch):
+def test_the_pixel_reverse_stops_each_class_as_it_settles_only_when_asked(monkeypatch):
     import trojanprune.reverse as reverse
     from trojanprune.defenses.onp import Options
     from trojanprune.onp.probes import pixel_reverse
@@ -947,10 +947,10 @@ def test_the_pixel_reverse_stops_each_class_as_it_settles_unless_told_otherwise(
     monkeypatch.setattr(reverse, "reverse_triggers", lambda *a, **k: seen.append(k["per_class_stop"]))
     fit = CleanData(torch.zeros(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]), 2)
     pixel_reverse(None, fit, Options(), 0, False)
-    pixel_reverse(None, fit, Options(reverse_per_class_stop=False), 0, False)
-    pixel_reverse(None, fit, Options(), 0, False, per_class_stop=False)  # a caller's choice wins
+    pixel_reverse(None, fit, Options(reverse_per_class_stop=True), 0, False)
+    pixel_reverse(None, fit, Options(), 0, False, per_class_stop=True)  # a caller's choice wins
     pixel_reverse(None, fit, object(), 0, False)  # options without the field: the batched stop
-    assert seen == [True, False, False, False]
+    assert seen == [False, True, True, False]
     with pytest.raises(ConfigError, match="reverse_per_class_stop must be true or false"):
         Options(reverse_per_class_stop="yes")
 

@@ -29,8 +29,10 @@ itself are left out of class ``k``'s loss and success rate; ``cost_schedule="fix
 The batched problem stops early only once every class has settled, so a class that settles
 early goes on improving its mask meanwhile; ``per_class_stop=True`` freezes each class when it
 settles, as Neural Cleanse's separate per-class runs do, and leaves its pairs out of the later
-steps (cheaper). It is off by default here and in ShapPruning, whose benchmarks were measured
-with the batched stop; ONP turns it on (its ``reverse_per_class_stop``, since stop 42).
+steps (cheaper). It is off by default here, in ShapPruning and in ONP (its
+``reverse_per_class_stop``): a class frozen early keeps a larger mask than one optimized to the
+end, and on two of the eight CIFAR-10 grid models the MAD test then flagged more classes
+(BENCHMARKS.md, "Stop 42").
 With many classes a step's K x B images are split into passes that fit in memory, and their
 gradients are added up (:mod:`trojanprune.engine.memory`).
 """
