@@ -111,7 +111,7 @@ class Options:
         early-stopping rule, as Neural Cleanse's separate per-class runs stop (False, the
         default: the batched problem runs every class until all have settled, as ShapPruning's
         does). Why it is off: it is faster (vgg_small WaNet and SIG repaired in 531 and 533 s
-        alone on 2 cores instead of 589 and 590-615), but a class frozen early keeps a larger
+        alone on 2 cores instead of 589 and 577-615), but a class frozen early keeps a larger
         mask than one optimized to the end, so the norms the MAD test compares are no longer
         alike: on the eight grid models it flagged more classes on two (vgg_small BadNets 0, 1,
         4, 9 instead of 0; resnet20 SIG 5, 6, 9 instead of 9), and the grid cells run with it met
