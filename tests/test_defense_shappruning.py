@@ -138,9 +138,11 @@ def test_clean_model_is_reported_clean_and_left_unpruned(clean_model, backdoor_c
     closest = r.details["mitigation"]["closest_class"]
     assert f"the closest is class {closest}" in r.decision and "force=True" in r.decision
     # force=True prunes anyway, for the class with the smallest reversed trigger (a huge
-    # anomaly threshold makes "nothing flagged" certain with a short, cheap reverse)
+    # anomaly threshold and no ratio rule make "nothing flagged" certain with a short, cheap
+    # reverse, whose unsettled masks differ by more than a factor of 3)
     forced = tp.repair(clean_model, few, method="shappruning", seed=0, force=True,
-                       anomaly_threshold=1e6, reverse_steps=40, permutations=20, warmup=2)
+                       anomaly_threshold=1e6, small_mask_ratio=None, reverse_steps=40,
+                       permutations=20, warmup=2)
     assert forced.verdict == "no backdoor detected" and forced.target is None
     assert "forced" in forced.details and "shapley" in forced.details
 
@@ -166,6 +168,8 @@ def test_bad_input(backdoor_case, few):
         tp.repair(model, None, method="shappruning", input_shape="28,28")
     with pytest.raises(ConfigError, match="input_shape"):
         tp.repair(model, None, method="shappruning", input_shape="3,28,28")
+    with pytest.raises(ConfigError, match="small_mask_ratio"):
+        tp.repair(model, few, method="shappruning", small_mask_ratio=1)
 
 
 @pytest.mark.parametrize("groups, players", [(1, 1), (2, 2), (3, 2), (4, 3), (5, 4), (6, 4), (12, 8)])
@@ -280,6 +284,47 @@ def test_auto_follows_the_feature_reverse_only_where_neural_cleanse_is_silent_or
     assert run([0], [3], reverse="feature").details["trigger_space"] == "feature"
     with pytest.raises(ConfigError, match="reverse must be one of"):
         tp.repair(backdoor_case.model, few, method="shappruning", reverse="both")
+
+
+def test_auto_lets_a_class_only_the_ratio_rule_flags_decide_last(backdoor_case, few, monkeypatch):
+    """A pixel mask at most a third of the median's, which Neural Cleanse's MAD test does not
+    flag, is the target only where no other reverse names one (here the warp reverse)."""
+    import dataclasses
+
+    import trojanprune.defenses.shappruning as shap
+    from trojanprune.reverse import anomaly_index
+
+    cheap = dict(FAST, reverse_steps=40, feature_steps=40, permutations=10, warmup=2)
+    pixel_reverse, feature_reverse, warp_reverse = (shap.reverse_triggers, shap.reverse_feature_triggers,
+                                                    shap.reverse_warps)
+    # class 3's mask is 8.7 times below the median, at MAD index 1.7 (the GELU ResNet's norms)
+    spread = torch.tensor([43.554, 162.286, 38.325, 5.027, 59.208, 43.862, 63.291, 71.563, 20.008, 48.918])
+
+    def run(warp_flags, **options):
+        def sized(result):
+            found = shap.detect_outlier(spread, result.threshold, result.small_mask_ratio)
+            return dataclasses.replace(result, mask_norms=spread, anomaly_index=anomaly_index(spread),
+                                       flagged=found.flagged, target=found.target)
+        monkeypatch.setattr(shap, "reverse_triggers", lambda *a, **k: pixel_reverse(*a, **k)
+                            if k.get("classes") is not None else sized(pixel_reverse(*a, **k)))
+        monkeypatch.setattr(shap, "reverse_feature_triggers", lambda *a, **k: dataclasses.replace(
+            feature_reverse(*a, **k), flagged=[], target=None))
+        monkeypatch.setattr(shap, "reverse_warps", lambda *a, **k: dataclasses.replace(
+            warp_reverse(*a, **k), flagged=list(warp_flags), target=warp_flags[0] if warp_flags else None))
+        return tp.repair(backdoor_case.model, few, method="shappruning", seed=0, **cheap, **options)
+
+    last = run([])
+    assert last.details["reverse"]["flagged"] == [3]  # the detection's record: the rule's flag
+    assert "feature_reverse" in last.details["evaluations"] and "warp_reverse" in last.details["evaluations"]
+    assert last.verdict == "backdoor detected" and last.target == 3
+    assert last.details["trigger"]["source"] == "small-mask ratio rule" and last.details["trigger_space"] == "pixel"
+    warped = run([5])
+    assert warped.target == 5 and warped.details["trigger_space"] == "warp"
+    # with the rule off, Neural Cleanse's test alone: nothing is flagged
+    assert run([], small_mask_ratio=None).verdict == "no backdoor detected"
+    # the paper's reverse alone: the rule's flag is the verdict, no other reverse runs
+    alone = run([5], reverse="pixel")
+    assert alone.target == 3 and "warp_reverse" not in alone.details
 
 
 def test_clean_label_rule_takes_a_large_mask_class_the_model_no_longer_recognises(

@@ -955,6 +955,24 @@ def test_the_pixel_reverse_stops_each_class_as_it_settles_only_when_asked(monkey
         Options(reverse_per_class_stop="yes")
 
 
+def test_the_small_mask_ratio_reaches_both_mask_reverses(monkeypatch):
+    import trojanprune.reverse as reverse
+    from trojanprune.defenses.onp import Options
+    from trojanprune.onp.probes import feature_reverse, pixel_reverse
+
+    seen = []
+    monkeypatch.setattr(reverse, "reverse_triggers", lambda *a, **k: seen.append(("pixel", k["small_mask_ratio"])))
+    monkeypatch.setattr(reverse, "reverse_feature_triggers",
+                        lambda *a, **k: seen.append(("feature", k["small_mask_ratio"])))
+    fit = CleanData(torch.zeros(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]), 2)
+    pixel_reverse(None, fit, Options(), 0, False)
+    feature_reverse(None, None, fit, Options(small_mask_ratio="off"), 0, False, layer="x")
+    pixel_reverse(None, fit, Options(small_mask_ratio=4), 0, False)
+    assert seen == [("pixel", 3.0), ("feature", None), ("pixel", 4.0)]
+    with pytest.raises(ConfigError, match="small_mask_ratio"):
+        Options(small_mask_ratio=0.5)
+
+
 class _Dense(torch.nn.Module):
     """DenseNet-style: a layer's channels are a slice of the BatchNorm that reads the concat."""
 

@@ -63,11 +63,35 @@ def test_feature_detection_compares_only_working_triggers():
     assert detect_working(small, failed_first).flagged == []
 
 
+def test_a_mask_a_third_of_the_median_is_flagged_however_wide_the_spread():
+    # the pixel-space norms of benchmarks/unseen_models.py's GELU ResNet (target 3): the classes'
+    # masks range from 20 to 162, so the target's, 8.7 times below the median, has MAD index 1.7
+    gelu = torch.tensor([43.554, 162.286, 38.325, 5.027, 59.208, 43.862, 63.291, 71.563, 20.008, 48.918])
+    assert float(anomaly_index(gelu)[3]) < 2
+    assert detect_outlier(gelu, small_mask_ratio=None).flagged == []  # Neural Cleanse's test alone
+    found = detect_outlier(gelu)
+    assert found.flagged == [3] and found.target == 3
+    # a class 2.2 times below the median (class 8 here) is not
+    assert detect_outlier(gelu, small_mask_ratio=2.0).flagged == [3, 8]
+    # CIFAR-10 vgg_small WaNet (benchmarks/results/onp-stop42): tight norms, the MAD flags two
+    # classes, the rule adds none
+    wanet = torch.tensor([49.049, 28.486, 42.413, 41.93, 43.246, 45.057, 44.488, 52.23, 46.637, 32.941])
+    assert detect_outlier(wanet).flagged == detect_outlier(wanet, small_mask_ratio=None).flagged == [1, 9]
+    # the feature-space test applies the rule to the working triggers only
+    from trojanprune.reverse.feature import detect_working
+
+    assert detect_working(gelu, torch.ones(10)).flagged == [3]
+    assert detect_working(gelu, torch.tensor([1.0, 1, 1, 0.2, 1, 1, 1, 1, 1, 1])).flagged == []
+
+
 def test_detection_bad_input():
     with pytest.raises(ConfigError):
         anomaly_index(torch.tensor([1.0]))
     with pytest.raises(ConfigError):
         detect_outlier(torch.tensor([1.0, 2.0, 3.0]), threshold=0)
+    for ratio in (1.0, 0.5, "3", True):
+        with pytest.raises(ConfigError, match="small_mask_ratio"):
+            detect_outlier(torch.tensor([1.0, 2.0, 3.0]), small_mask_ratio=ratio)
 
 
 # -- trigger reverse ---------------------------------------------------------------------------

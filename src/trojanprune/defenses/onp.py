@@ -73,6 +73,7 @@ from ..engine import (MaskEvaluator, apply_masks_permanently, discover_units, sh
 from ..errors import ConfigError, DataError
 from ..progress import log, progress_bar
 from ..reverse import LARGE_MASK_ACCURACY_RATIO
+from ..reverse.detect import check_small_mask_ratio
 from ..utils import derive_seed
 from . import register
 from .base import CleanData, Defense, RepairResult, optional_number
@@ -105,6 +106,10 @@ class Options:
         (BENCHMARKS.md, "ONP's backdoor probes" and "ONP on resnet20").
     target: the presumed backdoor target class; None (default) = the probe decides (the classes
         the MAD anomaly index flags; none flagged: the smallest reversed pixel-space mask).
+    small_mask_ratio: a class whose reversed mask (pixel or feature space) is at most 1/this of
+        the median class's is flagged too, whatever its MAD index (3.0, ours; None: Neural
+        Cleanse's test alone). Why: where the clean classes' masks spread widely the MAD test
+        misses a target whose mask is 3-9 times below the median (BENCHMARKS.md, "Stop 43").
     reverse_steps, reverse_batch_size: trigger-reverse steps and images per class per step
         (None = the reverse's defaults, Neural Cleanse's: 300 and 32).
     reverse_per_class_stop: the pixel reverse freezes each class once it meets Neural Cleanse's
@@ -312,6 +317,7 @@ class Options:
     target: Any = None
     reverse_steps: Any = None
     reverse_batch_size: Any = None
+    small_mask_ratio: Any = 3.0
     reverse_per_class_stop: bool = False
     score_margin: float = 2.0
     feature_per_class: int = 10
@@ -369,6 +375,8 @@ class Options:
         for name in ("target", "reverse_steps", "reverse_batch_size"):
             setattr(self, name, optional_number(getattr(self, name), name, integer=True,
                                                 none_words=("", "auto", "none")))
+        self.small_mask_ratio = check_small_mask_ratio(optional_number(
+            self.small_mask_ratio, "small_mask_ratio", none_words=("", "none", "off")))
         for name in ("reverse_per_class_stop", "confirm_on_all", "suspect_large_masks", "suspect_last_layer",
                      "pixel_when_agreed", "suspect_warps"):
             if not isinstance(getattr(self, name), bool):

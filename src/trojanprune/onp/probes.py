@@ -87,6 +87,7 @@ from ..engine import ChannelMasks, MaskEvaluator, Units, target_margin
 from ..errors import ConfigError, DataError
 from ..metrics import class_accuracies, predict
 from ..registry import Registry
+from ..reverse.detect import SMALL_MASK_RATIO
 from ..utils import derive_seed
 from .graphs import channel_activations
 
@@ -246,6 +247,7 @@ def pixel_reverse(model: nn.Module, fit: CleanData, options: Any, seed: int, pro
 
     kwargs = dict(extra)
     kwargs.setdefault("per_class_stop", bool(getattr(options, "reverse_per_class_stop", False)))
+    kwargs.setdefault("small_mask_ratio", getattr(options, "small_mask_ratio", SMALL_MASK_RATIO))
     if getattr(options, "reverse_steps", None) is not None:
         kwargs["steps"] = int(options.reverse_steps)
     if getattr(options, "reverse_batch_size", None) is not None:
@@ -275,6 +277,7 @@ def feature_reverse(model: nn.Module, units: Units, fit: CleanData, options: Any
     return reverse_feature_triggers(
         model, units, x, y, fit.num_classes, layer=layer,
         steps=int(getattr(options, "feature_steps", 300)),
+        small_mask_ratio=getattr(options, "small_mask_ratio", SMALL_MASK_RATIO),
         seed=derive_seed(seed, "onp-feature"), progress=progress)
 
 

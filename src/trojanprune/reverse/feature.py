@@ -53,8 +53,8 @@ from ..engine.memory import images_per_pass
 from ..engine.units import channel_dim
 from ..errors import ConfigError, DataError
 from ..progress import progress_bar
-from .detect import (ANOMALY_THRESHOLD, SMALLEST_MASK_RULE, Detection, anomaly_index,
-                     detect_outlier)
+from .detect import (ANOMALY_THRESHOLD, SMALL_MASK_RATIO, SMALLEST_MASK_RULE, Detection, anomaly_index,
+                     check_small_mask_ratio, detect_outlier)
 
 
 @dataclass
@@ -75,6 +75,7 @@ class FeatureTriggers:
     flagged: list[int] = field(default_factory=list)
     threshold: float = ANOMALY_THRESHOLD
     rectify: bool = True
+    small_mask_ratio: float | None = SMALL_MASK_RATIO  # the detection's ratio rule (None: off)
     # the module channels that carry the group's channels, in group order; None = all of them
     # (they differ after a concatenation: a DenseNet layer's 8 channels are 16-23 of the
     # BatchNorm that reads the concatenated tensor)
@@ -102,7 +103,7 @@ class FeatureTriggers:
 
     def summary(self) -> dict:
         return {"verdict": self.verdict, "target": self.target, "flagged": list(self.flagged),
-                "layer": self.layer, "threshold": self.threshold,
+                "layer": self.layer, "threshold": self.threshold, "small_mask_ratio": self.small_mask_ratio,
                 "mask_norms": [round(float(v), 3) for v in self.mask_norms],
                 "anomaly_index": [round(float(v), 3) for v in self.anomaly_index],
                 "attack_success": [round(float(v), 4) for v in self.attack_success],
@@ -199,7 +200,8 @@ WORKING_SUCCESS = 0.5
 
 
 def detect_working(norms: torch.Tensor, success: torch.Tensor,
-                   threshold: float = ANOMALY_THRESHOLD) -> Detection:
+                   threshold: float = ANOMALY_THRESHOLD,
+                   small_mask_ratio: float | None = SMALL_MASK_RATIO) -> Detection:
     """Neural Cleanse's MAD test on the mask norms of the triggers that work (ours).
 
     A class whose trigger does not work (success < :data:`WORKING_SUCCESS`) was not reached
@@ -215,7 +217,7 @@ def detect_working(norms: torch.Tensor, success: torch.Tensor,
     working = torch.as_tensor(success).flatten() >= WORKING_SUCCESS
     if 2 * int(working.sum()) < len(norms):
         return Detection(anomaly_index(norms), [], None, float(threshold))
-    return detect_outlier(torch.where(working, norms, norms.max()), threshold)
+    return detect_outlier(torch.where(working, norms, norms.max()), threshold, small_mask_ratio)
 
 
 @torch.enable_grad()  # optimizes inputs: the caller's no_grad must not cut the graph
@@ -224,6 +226,7 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
                              lr: float = 0.1, cost: float = 0.02, seed: int = 0,
                              progress: bool = False, rectify: bool | str = "auto",
                              anomaly_threshold: float = ANOMALY_THRESHOLD,
+                             small_mask_ratio: float | None = SMALL_MASK_RATIO,
                              pass_images: int | None = None, batch_size: int = 100) -> FeatureTriggers:
     """Reverse a feature-space trigger for every class (see the module docstring).
 
@@ -242,6 +245,7 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
         rectify: mix after the layer's ReLU (see :func:`write`); "auto" (default): only where
             a ReLU follows the layer (:func:`relu_follows`), so that writing nothing leaves any
             model as it is.
+        anomaly_threshold, small_mask_ratio: the detection (:func:`detect_working`).
         pass_images: at most this many images (classes x images) per forward/backward pass;
             a step's classes are split into passes whose gradients are added up (the same
             gradient; at least one class per pass). None: as many as fit the memory budget
@@ -253,6 +257,7 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
             pass_images is not None and pass_images < 1):
         raise ConfigError("reverse_feature_triggers: steps, lr, batch_size and pass_images must be "
                           "positive, cost >= 0")
+    small_mask_ratio = check_small_mask_ratio(small_mask_ratio)
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or len(x) == 0 or y is None or len(y) != len(x):
         raise DataError("reverse_feature_triggers needs a non-empty image batch and one label per image")
     layer = default_layer(units) if layer is None else layer
@@ -347,7 +352,7 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
         logits = evaluator.edited_logits(ones, module, writer(m, v, dim, rectify, None, channels), grad=False)
         success = ((logits.argmax(-1) == classes.unsqueeze(1)).float() * weight).sum(1) / weight.sum(1)
         norms = m.sum(1)
-    detection = detect_working(norms.cpu(), success.cpu(), anomaly_threshold)
+    detection = detect_working(norms.cpu(), success.cpu(), anomaly_threshold, small_mask_ratio)
     return FeatureTriggers(layer=layer, module=module, channel_dim=dim, masks=m.detach().cpu(),
                            values=v.detach().cpu(), mask_norms=norms.cpu(),
                            attack_success=success.cpu(), anomaly_index=detection.anomaly_index,
@@ -355,7 +360,7 @@ def reverse_feature_triggers(model: nn.Module, units: Units, x: torch.Tensor, y:
                            evaluations=evaluator.evaluations + sum(
                                ev.evaluations for ev in batches if ev is not evaluator),
                            flagged=detection.flagged, threshold=detection.threshold,
-                           rectify=rectify, channels=channels)
+                           rectify=rectify, channels=channels, small_mask_ratio=small_mask_ratio)
 
 
 __all__ = ["FeatureTriggers", "WORKING_SUCCESS", "default_layer", "detect_working", "last_conv_layer",

@@ -52,7 +52,8 @@ from ..progress import progress_bar
 from ..engine.layout import channels_last_copy
 from ..engine.memory import images_per_pass
 from ..utils import model_device
-from .detect import ANOMALY_THRESHOLD, SMALLEST_MASK_RULE, detect_outlier
+from .detect import (ANOMALY_THRESHOLD, SMALL_MASK_RATIO, SMALLEST_MASK_RULE, check_small_mask_ratio,
+                     detect_outlier)
 
 COST_SCHEDULES = ("adaptive", "fixed")
 
@@ -77,6 +78,7 @@ class ReversedTriggers:
     threshold: float = ANOMALY_THRESHOLD
     steps: int = 0                # optimization steps actually run (early stopping)
     costs: torch.Tensor | None = None  # (K,) final L1 cost of each class
+    small_mask_ratio: float | None = SMALL_MASK_RATIO  # the detection's ratio rule (None: off)
     #: what :attr:`suspect` falls back to when no class is flagged, in words
     suspect_rule: ClassVar[str] = SMALLEST_MASK_RULE
 
@@ -104,7 +106,7 @@ class ReversedTriggers:
     def summary(self) -> dict:
         """A JSON-able summary (no images)."""
         return {"verdict": self.verdict, "target": self.target, "flagged": list(self.flagged),
-                "threshold": self.threshold,
+                "threshold": self.threshold, "small_mask_ratio": self.small_mask_ratio,
                 "mask_norms": [round(float(v), 3) for v in self.mask_norms],
                 "anomaly_index": [round(float(v), 3) for v in self.anomaly_index],
                 "attack_success": [round(float(v), 4) for v in self.attack_success],
@@ -118,6 +120,7 @@ def reverse_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cla
                      success_threshold: float = 0.99, patience: int = 5,
                      early_stop_patience: int = 50, batch_size: int = 32,
                      anomaly_threshold: float = ANOMALY_THRESHOLD,
+                     small_mask_ratio: float | None = SMALL_MASK_RATIO,
                      pass_images: int | None = None,
                      classes=None, per_class_stop: bool = False) -> ReversedTriggers:
     """Reverse a trigger for every class of ``model`` from images ``x`` (labels ``y``).
@@ -135,6 +138,8 @@ def reverse_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cla
         success_threshold, patience, early_stop_patience: the schedule (see module docstring);
             ``early_stop_patience=0`` disables early stopping.
         anomaly_threshold: MAD anomaly index above which a small-norm class is flagged.
+        small_mask_ratio: a class whose norm is at most 1/this of the median's is flagged too
+            (ours, :data:`~.detect.SMALL_MASK_RATIO`; None: Neural Cleanse's test alone).
         pass_images: at most this many stamped images per forward/backward pass; a step's
             (class, image) pairs are split into passes whose gradients are added up (the same
             gradient). None: as many as fit the memory budget (:mod:`trojanprune.engine.memory`),
@@ -156,6 +161,7 @@ def reverse_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cla
             pass_images is not None and pass_images < 1):
         raise ConfigError("reverse_triggers: steps, lr, batch_size, patience and pass_images must "
                           "be positive and init_cost non-negative")
+    small_mask_ratio = check_small_mask_ratio(small_mask_ratio)
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or len(x) == 0:
         raise DataError("reverse_triggers needs a non-empty image batch (N, C, H, W)")
     if y is None or len(y) != len(x):
@@ -291,7 +297,7 @@ def reverse_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cla
             module.training = flag
         mask_w.grad = pattern_w.grad = None
     if k == num_classes and bool((classes.cpu() == torch.arange(k)).all()):
-        detection = detect_outlier(best_norm.cpu(), anomaly_threshold)
+        detection = detect_outlier(best_norm.cpu(), anomaly_threshold, small_mask_ratio)
         index, target, flagged = detection.anomaly_index, detection.target, detection.flagged
     else:  # not one trigger per class: the MAD test over classes does not apply
         index, target, flagged = torch.full((k,), float("nan")), None, []
@@ -299,7 +305,7 @@ def reverse_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cla
         masks=best_mask.cpu(), patterns=best_pattern.cpu(), mask_norms=best_norm.cpu(),
         attack_success=success.cpu(), anomaly_index=index,
         target=target, evaluations=evaluations, flagged=flagged,
-        threshold=anomaly_threshold, steps=run, costs=cost.cpu())
+        threshold=anomaly_threshold, steps=run, costs=cost.cpu(), small_mask_ratio=small_mask_ratio)
 
 
 def _success(model, x, y, masks, patterns, classes, chunk: int = 256) -> torch.Tensor:
