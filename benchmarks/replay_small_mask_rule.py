@@ -7,8 +7,8 @@ finds each one, drops repeats (the same norms stored twice), and runs
 :func:`trojanprune.reverse.detect_outlier` (pixel space) or ``detect_working`` (feature space) on
 the stored norms with the ratio rule off and on. The backdoor target is known for the zoo models
 (every CIFAR-10 / GTSRB zoo model, its seeds included, has target 0) and for the unseen models
-(their records carry ``true_target``); other records (the PreAct-ResNet18 that learned no
-backdoor) count as "no backdoor". Only the norms are replayed: what a repair does with a changed
+(their records carry ``true_target``); the unseen architectures trained without a backdoor
+(``unseen_models.py --clean``) and the PreAct-ResNet18 that learned none count as "no backdoor". Only the norms are replayed: what a repair does with a changed
 flag is measured by running it (BENCHMARKS.md, "Stop 43").
 
     python benchmarks/replay_small_mask_rule.py                 # summary and every changed flag
@@ -36,7 +36,8 @@ def summaries(obj, found: list, context: dict) -> None:
     """Collect every dict that looks like a reverse's summary, with the record's true target."""
     if isinstance(obj, dict):
         if "true_target" in obj:
-            context = {**context, "true_target": obj["true_target"], "case": obj.get("case")}
+            context = {**context, "true_target": obj["true_target"], "case": obj.get("case"),
+                       "clean_model": bool(obj.get("clean_model"))}
         if "mask_norms" in obj and "anomaly_index" in obj and "flagged" in obj:
             found.append((obj, context))
         for value in obj.values():
@@ -84,7 +85,9 @@ def records():
                     continue
                 seen.add(key)
                 rel = str(path.relative_to(RESULTS))
-                if "true_target" in context:
+                if context.get("clean_model"):
+                    target, family = None, "no backdoor"
+                elif "true_target" in context:
                     target, family = context["true_target"], f"unseen:{context.get('case')}"
                 elif any(w in rel for w in ZOO_WORDS):
                     target, family = 0, "zoo"

@@ -9,6 +9,7 @@ ASR before and after, time, and any failure with its message.
 
     TROJANPRUNE_DATA=../shared/datasets python benchmarks/unseen_models.py --out OUT.jsonl
     python benchmarks/unseen_models.py --cases gelu_resnet --defenses onp clp --out OUT.jsonl
+    python benchmarks/unseen_models.py --clean --defenses shappruning --out OUT.jsonl  # no backdoor
     python benchmarks/unseen_models.py --table OUT.jsonl     # the markdown table of a results file
 """
 
@@ -238,10 +239,13 @@ CASES = {
 DATA_FOR = {"shappruning": dict(per_class=1), "clp": None}
 
 
-def build_case(name: str, data_dir, epochs: int, train_images: int, models_dir: Path | None = None):
+def build_case(name: str, data_dir, epochs: int, train_images: int, models_dir: Path | None = None,
+               clean: bool = False):
     """The case's backdoored model (trained here, or loaded from ``models_dir`` when a previous
     run saved it), its attack, the defender's pool (training images the model never saw) and
-    the test images."""
+    the test images. ``clean``: the same architecture trained on the same images unpoisoned (a
+    defense should find no backdoor in it; the attack only measures how often its trigger
+    sends images to the target naturally)."""
     spec = CASES[name]
     full = data.load_dataset(spec["dataset"], "train", data_dir=data_dir)
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(derive_seed(0, name)))
@@ -251,12 +255,13 @@ def build_case(name: str, data_dir, epochs: int, train_images: int, models_dir: 
     test = test.subset(range(0, len(test), max(1, len(test) // 2000)))
     attack = attacks.create(spec["attack"], train_set.image_shape, train_set.num_classes,
                             target=spec["target"], seed=0, **spec["attack_options"])
-    poisoned, _ = attack.poison(train_set, rate=0.1, seed=1)
+    poisoned = train_set if clean else attack.poison(train_set, rate=0.1, seed=1)[0]
     torch.manual_seed(0)
     c = train_set.image_shape[0]
     model = ARCHS[spec["arch"]](c, train_set.num_classes)
     start = time.perf_counter()
-    saved = None if models_dir is None else models_dir / f"{name}-{epochs}ep-{train_images}.safetensors"
+    kind = "-clean" if clean else ""
+    saved = None if models_dir is None else models_dir / f"{name}{kind}-{epochs}ep-{train_images}.safetensors"
     if saved is not None and saved.exists():
         load_model(model, saved)
     else:
@@ -317,6 +322,9 @@ def main() -> None:
                         help="override a defense option, e.g. onp.episodes=64")
     parser.add_argument("--models-dir", default=None,
                         help="save each trained model here, and reuse it on the next run")
+    parser.add_argument("--clean", action="store_true",
+                        help="train each architecture WITHOUT a backdoor: how often a defense "
+                             "reports one where there is none")
     parser.add_argument("--details", action="store_true",
                         help="also record each repair's details (probe, choice, scores)")
     parser.add_argument("--out", help="JSONL file, appended to")
@@ -337,7 +345,7 @@ def main() -> None:
     for name in args.cases:
         model, attack, pool, test, train_seconds = build_case(
             name, args.data_dir, args.epochs, args.train_images,
-            Path(args.models_dir) if args.models_dir else None)
+            Path(args.models_dir) if args.models_dir else None, clean=args.clean)
         before = metrics.evaluate(model, test, attack)
         print(f"[{name}] trained in {train_seconds:.0f}s: {before}", flush=True)
         for method in methods:
@@ -346,6 +354,8 @@ def main() -> None:
             row = dict(case=name, **{("true_target" if k == "target" else k): v
                                    for k, v in CASES[name].items()}, defense=method,
                        before=before, clean=setting)
+            if args.clean:  # no backdoor: no true target
+                row.update(clean_model=True, true_target=None)
             options = dict(overrides.get(method, {}))
             if method == "clp":  # data-free: the input shape the user knows of their model
                 options.setdefault("input_shape", ",".join(map(str, test.image_shape)))
