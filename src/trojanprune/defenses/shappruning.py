@@ -29,9 +29,10 @@ What is OUR reconstruction (the paper does not publish these details):
    HIGH-side outlier whose own few clean images the model misclassifies is the target, and
    the game is played on its (large) pixel trigger. Where no reverse names a target either,
    OUR small-mask ratio rule (``small_mask_ratio``): a class whose pixel mask is at most a third
-   of the median class's is the target. No target -> verdict "no backdoor detected" (naming the closest candidate: the class ``force`` would prune for, with its
-   anomaly index) and the model is returned unpruned, unless ``force`` (then the class with the
-   smallest mask is treated as the target).
+   of the median class's is the target. No target -> verdict "no backdoor detected" (naming
+   the closest candidate: the class ``force`` would prune for, with its anomaly index) and the
+   model is returned unpruned, unless ``force`` (then the class with the smallest mask is
+   treated as the target).
 4. Shapley estimation (:func:`trojanprune.shapley.estimate_shapley`): players are the channels
    of ``layers`` (default ``auto``: every conv group but the first third); a coalition is the
    set of channels kept; its value is the reversed trigger's effect on the few non-target
