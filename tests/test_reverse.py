@@ -11,7 +11,7 @@ from torch import nn
 from trojanprune import data, models
 from trojanprune.errors import ConfigError, DataError
 from trojanprune.reverse import (ReversedTriggers, anomaly_index, detect_outlier, high_side_outliers,
-                                 reverse_triggers, synthesize)
+                                 reverse_triggers, small_masks, synthesize)
 from trojanprune.reverse.data import NO_BATCHNORM_WARNING
 
 
@@ -82,6 +82,8 @@ def test_a_mask_a_third_of_the_median_is_flagged_however_wide_the_spread():
 
     assert detect_working(gelu, torch.ones(10)).flagged == [3]
     assert detect_working(gelu, torch.tensor([1.0, 1, 1, 0.2, 1, 1, 1, 1, 1, 1])).flagged == []
+    # a median of zero gives no scale: the rule flags nothing
+    assert small_masks(torch.tensor([0.0, 0, 0, 5, 6])) == []
 
 
 def test_detection_bad_input():

@@ -98,6 +98,8 @@ def small_masks(norms: torch.Tensor, ratio: float | None = SMALL_MASK_RATIO) -> 
         return []
     norms = torch.as_tensor(norms, dtype=torch.float64).flatten()
     bar = float(norms.median()) / float(ratio)
+    if not bar > 0:  # a median class needing no mask at all: no scale to compare with
+        return []
     return [k for k in range(len(norms)) if float(norms[k]) <= bar]
 
 
