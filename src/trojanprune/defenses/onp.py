@@ -55,6 +55,12 @@ Ours (the paper does not publish them):
   applied with the engine's ``apply_masks_permanently``.
 
 Every choice is made on the defender's clean data; the true trigger is never used.
+
+ONP gives no "no backdoor" verdict (the paper's method mitigates a model known to be
+backdoored): it prunes for its suspects, the presumed target when no reverse flags a class. On
+models without a backdoor that costs up to the accuracy guard (0.1-3.45 test points on the seven
+MNIST architectures of ``benchmarks/unseen_models.py --clean``, BENCHMARKS.md "Stop 43");
+ShapPruning is the defense that says whether a model is backdoored.
 """
 
 from __future__ import annotations
