@@ -936,6 +936,11 @@ def test_options_from_cli_strings(backdoor_case):
     assert make_options(Options, {"confirm_on_all": "off"}, "onp").confirm_on_all is False
     with pytest.raises(ConfigError, match="confirm_on_all of onp is true or false, got 'maybe'"):
         make_options(Options, {"confirm_on_all": "maybe"}, "onp")
+    # a number or "off": the option parses its own words, the CLI does not force a float
+    assert make_options(Options, {"small_mask_ratio": "off"}, "onp").small_mask_ratio is None
+    assert make_options(Options, {"small_mask_ratio": "4"}, "onp").small_mask_ratio == 4.0
+    with pytest.raises(ConfigError, match="small_mask_ratio takes a number or 'off'"):
+        make_options(Options, {"small_mask_ratio": "abc"}, "onp")
 
 
 def test_the_pixel_reverse_stops_each_class_as_it_settles_only_when_asked(monkeypatch):

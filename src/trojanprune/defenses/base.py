@@ -159,6 +159,8 @@ def make_options(cls: type, values: dict[str, Any], method: str):
             if word not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
                 raise ConfigError(f"option {key} of {method} is true or false, got {value!r}")
             value = word in ("1", "true", "yes", "on")
+        elif names[key].type in ("Any", Any):
+            pass  # an option typed Any parses its own words (a number or "off"): see its __post_init__
         elif isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(value, str):
             try:
                 value = type(default)(value)

@@ -86,7 +86,7 @@ def check_small_mask_ratio(ratio) -> float | None:
         return None
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 1:
         raise ConfigError(f"small_mask_ratio must be a number above 1 (a class is flagged when its mask "
-                          f"is at most 1/ratio of the median class's), or None to turn that rule off; "
+                          f"is at most 1/ratio of the median class's), or None ('off' in --set) to turn that rule off; "
                           f"got {ratio!r}")
     return float(ratio)
 
