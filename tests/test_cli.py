@@ -1,6 +1,7 @@
 """The CLI end to end: every error path gives one clear line and a non-zero exit."""
 
 import json
+import shutil
 import os
 import signal
 import stat
@@ -314,4 +315,14 @@ def test_repair_data_free_and_bad_method(digits_run, tmp_path):
     assert code == 2 and "needs clean data" in text
     code, text = invoke("repair", digits_run, "--method", "fp", "--set", "bogus=1", "--out", tmp_path / "z")
     assert code == 2 and "unknown option" in text
+    # a bad option value is named before any data is looked for: here the run's dataset is
+    # one the (empty) data folder does not hold
+    elsewhere = tmp_path / "mnist-run"
+    shutil.copytree(digits_run, elsewhere)
+    record = json.loads((elsewhere / "run.json").read_text())
+    record["dataset"]["name"] = "mnist"
+    (elsewhere / "run.json").write_text(json.dumps(record))
+    code, text = invoke("repair", elsewhere, "--method", "onp", "--set", "small_mask_ratio=0.5",
+                        "--data-dir", tmp_path / "no-data-here", "--out", tmp_path / "z")
+    assert code == 2 and "small_mask_ratio must be a number above 1" in text, text
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()

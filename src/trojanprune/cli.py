@@ -247,7 +247,7 @@ def repair_cmd(
     from .repair_run import choose_clean, repair_and_measure, save_repair
     from .utils import resolve_device
 
-    defenses.get(method)  # unknown names fail before any work
+    defenses.get(method)(**parse_settings(settings))  # unknown names and bad options fail before any work
     if threads is not None:
         import torch
 
