@@ -8,8 +8,9 @@ finds each one, drops repeats (the same norms stored twice), and runs
 the stored norms with the ratio rule off and on. The backdoor target is known for the zoo models
 (every CIFAR-10 / GTSRB zoo model, its seeds included, has target 0) and for the unseen models
 (their records carry ``true_target``); the unseen architectures trained without a backdoor
-(``unseen_models.py --clean``) and the PreAct-ResNet18 that learned none count as "no backdoor". Only the norms are replayed: what a repair does with a changed
-flag is measured by running it (BENCHMARKS.md, "Stop 43").
+(``unseen_models.py --clean``) and the PreAct-ResNet18 that learned none count as "no
+backdoor". Only the norms are replayed: what a repair does with a changed flag is measured by
+running it (BENCHMARKS.md, "Stop 43").
 
     python benchmarks/replay_small_mask_rule.py                 # summary and every changed flag
     python benchmarks/replay_small_mask_rule.py --ratio 2.5 --all
@@ -117,8 +118,7 @@ def main() -> None:
     for rel, family, target, space, summary in rows:
         plain = detect(summary, space, None)
         ruled = detect(summary, space, args.ratio)
-        norms = sorted(float(v) for v in summary["mask_norms"])
-        median = norms[(len(norms) - 1) // 2]  # torch's median: the lower middle value
+        median = float(torch.tensor(summary["mask_norms"]).median())  # the detection's median
         t = tally.setdefault((family.split(":")[0], space), {
             "reverses": 0, "changed": 0, "targets": 0, "target MAD": 0, "target rule": 0,
             "others": 0, "other MAD": 0, "other rule": 0, "largest other": 0.0, "smallest flagged target": None})
@@ -147,6 +147,7 @@ def main() -> None:
         print(f"| {fam} | {space} | {t['reverses']} | {t['changed']} | {t['target MAD']} / {t['target rule']} / "
               f"{t['targets']} | {t['other MAD']} / {t['other rule']} / {t['others']} | "
               f"{'-' if low is None else f'{low:.2f}'}, {t['largest other']:.2f} |")
+
 
 if __name__ == "__main__":
     main()
