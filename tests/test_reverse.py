@@ -96,6 +96,21 @@ def test_detection_bad_input():
             detect_outlier(torch.tensor([1.0, 2.0, 3.0]), small_mask_ratio=ratio)
 
 
+def test_both_defenses_read_the_small_mask_ratio_option_alike():
+    from trojanprune.defenses import onp, shappruning
+    from trojanprune.defenses.base import make_options
+
+    for method, options in (("onp", onp.Options), ("shappruning", shappruning.Options)):
+        assert options().small_mask_ratio == 3.0
+        for off in ("off", "none", "", None):
+            assert make_options(options, {"small_mask_ratio": off}, method).small_mask_ratio is None
+        assert make_options(options, {"small_mask_ratio": "4"}, method).small_mask_ratio == 4.0
+        with pytest.raises(ConfigError, match="small_mask_ratio takes a number or 'off'"):
+            make_options(options, {"small_mask_ratio": "abc"}, method)
+        with pytest.raises(ConfigError, match="small_mask_ratio must be a number above 1"):
+            options(small_mask_ratio=1)
+
+
 # -- trigger reverse ---------------------------------------------------------------------------
 
 def test_apply_stamps_mask_and_pattern():

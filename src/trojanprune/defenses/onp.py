@@ -79,7 +79,7 @@ from ..engine import (MaskEvaluator, apply_masks_permanently, discover_units, sh
 from ..errors import ConfigError, DataError
 from ..progress import log, progress_bar
 from ..reverse import LARGE_MASK_ACCURACY_RATIO
-from ..reverse.detect import check_small_mask_ratio
+from ..reverse.detect import small_mask_ratio_option
 from ..utils import derive_seed
 from . import register
 from .base import CleanData, Defense, RepairResult, optional_number
@@ -381,8 +381,7 @@ class Options:
         for name in ("target", "reverse_steps", "reverse_batch_size"):
             setattr(self, name, optional_number(getattr(self, name), name, integer=True,
                                                 none_words=("", "auto", "none")))
-        self.small_mask_ratio = check_small_mask_ratio(optional_number(
-            self.small_mask_ratio, "small_mask_ratio", none_words=("", "none", "off")))
+        self.small_mask_ratio = small_mask_ratio_option(self.small_mask_ratio)
         for name in ("reverse_per_class_stop", "confirm_on_all", "suspect_large_masks", "suspect_last_layer",
                      "pixel_when_agreed", "suspect_warps"):
             if not isinstance(getattr(self, name), bool):

@@ -94,7 +94,7 @@ from ..metrics import class_accuracies, predict
 from ..reverse import (LARGE_MASK_ACCURACY_RATIO, FeatureTriggers, ReversedWarps, detect_outlier,
                        high_side_outliers, reverse_feature_triggers, reverse_triggers, reverse_warps,
                        synthesize, unrecognised)
-from ..reverse.detect import check_small_mask_ratio, small_masks
+from ..reverse.detect import small_mask_ratio_option, small_masks
 from ..reverse.feature import default_layer
 from ..shapley import GREEDY_RANKS, estimate_shapley
 from ..utils import derive_seed
@@ -359,8 +359,7 @@ class Options:
                               f"{self.large_mask_accuracy_ratio!r}")
         if not 0 < self.success_threshold <= 1:
             raise ConfigError(f"success_threshold must be in (0, 1], got {self.success_threshold!r}")
-        self.small_mask_ratio = check_small_mask_ratio(optional_number(
-            self.small_mask_ratio, "small_mask_ratio", none_words=("", "none", "off")))
+        self.small_mask_ratio = small_mask_ratio_option(self.small_mask_ratio)
         if self.reverse_lr <= 0 or self.init_cost < 0 or self.anomaly_threshold <= 0:
             raise ConfigError("reverse_lr and anomaly_threshold must be positive, init_cost >= 0")
         if self.input_shape:

@@ -91,6 +91,15 @@ def check_small_mask_ratio(ratio) -> float | None:
     return float(ratio)
 
 
+def small_mask_ratio_option(value) -> float | None:
+    """The ``small_mask_ratio`` option of a defense, as set in Python or by ``--set`` (a string):
+    None, "", "none" or "off" -> None (the rule off), else a number above 1."""
+    from ..defenses.base import optional_number  # the defenses import this module
+
+    return check_small_mask_ratio(optional_number(value, "small_mask_ratio",
+                                                  none_words=("", "none", "off")))
+
+
 def small_masks(norms: torch.Tensor, ratio: float | None = SMALL_MASK_RATIO) -> list[int]:
     """The classes whose norm is at most 1/``ratio`` of the median's (none when ``ratio`` is None)."""
     ratio = check_small_mask_ratio(ratio)
@@ -146,5 +155,5 @@ def unrecognised(classes: list[int], class_accuracy: torch.Tensor,
 
 
 __all__ = ["ANOMALY_THRESHOLD", "Detection", "LARGE_MASK_ACCURACY_RATIO", "SMALL_MASK_RATIO",
-           "anomaly_index", "check_small_mask_ratio", "detect_outlier", "high_side_outliers", "small_masks",
-           "unrecognised"]
+           "anomaly_index", "check_small_mask_ratio", "detect_outlier", "high_side_outliers",
+           "small_mask_ratio_option", "small_masks", "unrecognised"]
