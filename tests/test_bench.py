@@ -68,6 +68,7 @@ def test_grid_end_to_end_on_ray(tiny_grid):
         assert 0 <= c["der"] <= 100
         assert c["seconds"] > 0 and c["peak_rss_mib"] > 10 and c["evaluations"] >= 0
         assert set(c["versions"]) == {"trojanprune", "torch", "python"}
+        assert c["cpu"] and c["cpu_capability"]  # another CPU may sum in another order
         assert c["pruned_count"] >= 0 and c["test_images"] > 0
     by = {c["defense"]: c for c in cells}
     assert by["clp"]["clean"] == "none (data-free)" and by["clp"]["clean_images"] == 0

@@ -212,6 +212,9 @@ def test_user_model_behind_its_own_normalization_is_repaired_and_saved_in_its_ow
     record = json.loads(text)
     assert record["environment"]["torch_threads"] == 1 and record["environment"]["device"] == "cpu"
     assert record["environment"]["trojanprune"] == trojanprune.__version__
+    # the CPU too: another one can sum in another order (BENCHMARKS.md, "Stop 44")
+    assert record["environment"]["cpu"] and record["environment"]["cpu_capability"] == \
+        torch.backends.cpu.get_cpu_capability()
     run = json.loads((out / "run.json").read_text())
     assert run["format_version"] == 2  # a run without an adapter stays readable by older code:
     assert json.loads((digits_run / "run.json").read_text())["format_version"] == 1

@@ -55,13 +55,14 @@ def repair_and_measure(source: ModelSource, method: str, *, clean=None, seed: in
 
 def environment(device) -> dict:
     """What, besides the seed and the code, can decide a repair's outcome: a rerun is
-    guaranteed the same pruning only on the same torch version, device and thread count
+    guaranteed the same pruning only on the same torch version, device, CPU and thread count
     (floating-point sums may run in another order, and ONP's agent can amplify a difference
     in the last digit into another pruning)."""
     from . import __version__
+    from .runs import processor
 
     return {"trojanprune": __version__, "commit": source_commit(), "torch": torch.__version__,
-            "device": str(device), "torch_threads": torch.get_num_threads()}
+            "device": str(device), **processor(), "torch_threads": torch.get_num_threads()}
 
 
 def source_commit() -> str | None:

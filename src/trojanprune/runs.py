@@ -31,6 +31,27 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def processor() -> dict[str, str]:
+    """The CPU a run computed on: its model name and the vector instructions torch's CPU
+    kernels use (e.g. "AVX2", "AVX512"). Why record it: the same code, torch version and thread
+    count can sum floating-point numbers in another order on another CPU, and a search that
+    sits on a knife edge (a ten-image trigger reverse, ONP's agent) then ends elsewhere; one
+    vgg_small SIG repair gave 0.07% ASR in one session and 99.78% in another at the same
+    commit with one thread each (BENCHMARKS.md, "Stop 44")."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            name = next((line.split(":", 1)[1].strip() for line in info
+                         if line.startswith("model name")), name)
+    except OSError:
+        pass
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        capability = "unknown"
+    return {"cpu": name, "cpu_capability": capability}
+
+
 @dataclass
 class ModelSpec:
     """How to rebuild a model: a registered architecture, or the user's ``file.py:Class``, and

@@ -158,7 +158,7 @@ def run_cell(config: BenchConfig, cell: Cell, model_path: str | Path, out: str |
             "defense": cell.defense, "seed": cell.seed, "status": "failed", "error": None,
             "clean": setting.describe(), "clean_setting": setting.to_dict(),
             "requested_options": options, "model_dir": str(model_path),
-            "versions": _versions(), "host": platform.node()}
+            "versions": _versions(), "host": platform.node(), **_processor()}
     reset_peak_memory()
     try:
         import torch
@@ -233,6 +233,12 @@ def _versions() -> dict:
     from ..runs import versions
 
     return versions()
+
+
+def _processor() -> dict:
+    from ..runs import processor
+
+    return processor()
 
 
 def report_hook_for(out: str | Path, data_dir=None):
