@@ -35,9 +35,9 @@ def processor() -> dict[str, str]:
     """The CPU a run computed on: its model name and the vector instructions torch's CPU
     kernels use (e.g. "AVX2", "AVX512"). Why record it: the same code, torch version and thread
     count can sum floating-point numbers in another order on another CPU, and a search that
-    sits on a knife edge (a ten-image trigger reverse, ONP's agent) then ends elsewhere; one
-    vgg_small SIG repair gave 0.07% ASR in one session and 99.78% in another at the same
-    commit with one thread each (BENCHMARKS.md, "Stop 44")."""
+    sits on a knife edge (a ten-image trigger reverse, ONP's agent) then ends elsewhere; the
+    same ShapPruning command on the vgg_small SIG model (same commit, two threads) gave 0.07%
+    ASR in one session and 99.78% in a later one (BENCHMARKS.md, "Stop 44")."""
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
