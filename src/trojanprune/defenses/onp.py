@@ -93,7 +93,7 @@ MIN_SPLIT_IMAGES = 10
 #: Options.give_back's rules
 GIVE_BACK_RULES = ("off", "score", "reward")
 #: Options.refine_focus's values
-REFINE_FOCUSES = ("all", "answered")
+REFINE_FOCUSES = ("all", "answered", "answered-triggers")
 #: Options.accuracy's values: what "clean accuracy" means in the reward, the guards and the choice
 ACCURACY_MEASURES = ("top1", "soft")
 
@@ -539,7 +539,7 @@ class ONP(Defense):
         chosen, choice = self._choose(probs, history, measure, base, units.total, confirm)
         if o.refine_steps:
             focused = measure
-            if o.refine_focus == "answered":
+            if o.refine_focus != "all":
                 focused, choice["refine_focus"] = self._focus(chosen, probe, measure, accuracy, units.total)
             reward = (choice["reward"] if focused is measure
                       else float(focused(chosen[None])["reward"][0]))
@@ -663,16 +663,20 @@ class ONP(Defense):
         restricted to the suspect classes the chosen pruning ``keep`` answered, or ``measure``
         itself when the probe has no suspects to restrict or the choice answered none or all
         of them."""
-        view = probe.answered(keep.float().cpu()) if hasattr(probe, "answered") else None
+        per_trigger = self.options.refine_focus == "answered-triggers"
+        view = (probe.answered(keep.float().cpu(), per_trigger=per_trigger)
+                if hasattr(probe, "answered") else None)
+        what = "stand-in triggers" if per_trigger else "suspect classes"
         if view is None:
             return measure, {"answered_classes": None,
-                             "rule": "every suspect (the choice answered none or all of the suspect "
-                                     "classes, or the probe has no suspects)"}
+                             "rule": f"every suspect (the choice answered none or all of the {what}, "
+                                     f"or the probe has no suspects)"}
+        rule = ("the stand-in triggers that lost at least half of their unpruned score under the choice"
+                if per_trigger else "the suspects of the classes one of whose stand-in triggers lost "
+                                    "at least half of its unpruned score under the choice")
         return RewardTerms(self.options, accuracy, view, total), {
             "answered_classes": view.answered_classes, "lost_share": view.lost_share,
-            "suspects": [list(s) for s in view.suspects],
-            "rule": "the suspects of the classes one of whose stand-in triggers lost at least "
-                    "half of its unpruned score under the choice"}
+            "suspects": [list(s) for s in view.suspects], "rule": rule}
 
     def _refine(self, keep: torch.Tensor, reward: float, probs: torch.Tensor, signal: torch.Tensor,
                 measure, base_acc: float, confirm: MaskEvaluator | None, base_all_acc: float | None,

@@ -638,14 +638,20 @@ class SuspectsProbe(Probe):
         return unrecognised(classes, acc, getattr(self.options, "large_mask_accuracy_ratio",
                                                   LARGE_MASK_ACCURACY_RATIO))
 
-    def answered(self, keep: torch.Tensor, share: float = ANSWERED_SHARE) -> "SuspectsProbe | None":
+    def answered(self, keep: torch.Tensor, share: float = ANSWERED_SHARE,
+                 per_trigger: bool = False) -> "SuspectsProbe | None":
         """This probe restricted to the suspect classes that the pruning ``keep`` (a keep mask)
         has answered: a class is answered when one of its stand-in triggers lost at least
         ``share`` of its unpruned score under ``keep`` (OUR design; ONP's
         ``Options.refine_focus``). A backdoor is a shortcut that a few channels carry, so the
         class whose stand-in a small pruning disables is the one the pruning found; a false
-        suspect's stand-in is a natural feature, which the same pruning hardly moves. None
-        when the pruning answered no suspect class or all of them (nothing to restrict).
+        suspect's stand-in is a natural feature, which the same pruning hardly moves.
+        ``per_trigger``: keep only the answered stand-in triggers themselves, not every
+        stand-in of an answered class (``refine_focus="answered-triggers"``): the same reading
+        one level down, since a class's other stand-ins that the pruning hardly moved (a
+        feature trigger written into channels its reverse chose, a pixel trigger of a natural
+        feature) are not where the pruning found the backdoor either. None when the pruning
+        answered no suspect (class or trigger) or all of them (nothing to restrict).
         The view shares the parts' evaluators, so its evaluations count in this probe's."""
         masks = torch.stack([torch.ones_like(keep), keep]).float()
         scores = self._part_scores(masks, {})  # (parts, 2)
@@ -653,10 +659,16 @@ class SuspectsProbe(Probe):
         lost = torch.where(unpruned > 0, (unpruned - pruned) / unpruned.clamp_min(1e-12),
                            torch.zeros_like(unpruned))
         classes = [p.target for p in self.parts]
-        chosen = sorted({c for c, share_lost in zip(classes, lost.tolist()) if share_lost >= share})
-        if not chosen or len(chosen) == len(set(classes)):
-            return None
-        kept = [i for i, c in enumerate(classes) if c in chosen]
+        hit = [i for i, share_lost in enumerate(lost.tolist()) if share_lost >= share]
+        chosen = sorted({classes[i] for i in hit})
+        if per_trigger:
+            if not hit or len(hit) == len(classes):
+                return None
+            kept = hit
+        else:
+            if not chosen or len(chosen) == len(set(classes)):
+                return None
+            kept = [i for i, c in enumerate(classes) if c in chosen]
         view = copy.copy(self)
         view.parts = [self.parts[i] for i in kept]
         view.suspects = [self.suspects[i] for i in kept]
