@@ -10,7 +10,10 @@ own ``_refine`` and ``_give_back``:
   stop 33); its refinement must add the channels the record's refinement added (checked);
 - ``a``: the refinement on the suspects of the classes the choice answered
   (``ONP._focus``), the give-back step on every suspect;
-- ``b``: both steps on the answered suspects (``refine_focus="answered"``).
+- ``b``: both steps on the answered suspects;
+- ``t`` (stop 45): the refinement on the stand-in triggers the choice answered alone
+  (``refine_focus="answered-triggers"``), the give-back step on every suspect (as ``a``, which
+  is ONP's default since stop 34: ``refine_focus="answered"``).
 
 Each final pruning is measured on the zoo model's test split with the true trigger, which
 the defense never sees. The agent is not rerun: its choice is the record's.
@@ -37,7 +40,7 @@ from trojanprune.runs import load_run
 from give_back import replay
 from refine_steps import defender_clean, outcome, record_arguments, step_masks, test_evaluators
 
-VARIANTS = ("all", "a", "b")
+VARIANTS = ("all", "a", "b", "t")
 
 
 def main() -> None:
@@ -94,16 +97,23 @@ def replay_focus(run, record: dict, train: dict, data_dir, recorded_refinement: 
     else:
         refined_all, info_all = refine(measure)
     refined_focus, info_focus = (refined_all, info_all) if focused is measure else refine(focused)
+    defense.options.refine_focus = "answered-triggers"
+    focused_t, focus_t = defense._focus(chosen, probe, measure, measure.accuracy, units.total)
+    defense.options.refine_focus = "answered"
+    same = focus_t.get("suspects") == focus.get("suspects")
+    refined_t, info_t = ((refined_focus, info_focus) if same else
+                         (refined_all, info_all) if focused_t is measure else refine(focused_t))
     finals = {"all": defense._give_back(refined_all, measure, units),
               "a": defense._give_back(refined_focus, measure, units),
-              "b": defense._give_back(refined_focus, focused, units)}
+              "b": defense._give_back(refined_focus, focused, units),
+              "t": defense._give_back(refined_t, measure, units)}
     _, clean, triggered, target, base = test_evaluators(run, data_dir)
     masks = torch.stack([chosen] + [finals[v][0] for v in VARIANTS])
     acc, asr = clean.accuracy(masks), triggered.target_rate(masks, target)
     results = [outcome(record["before"], float(a), float(s), base) for a, s in zip(acc, asr)]
     matches = None if recorded_refinement else [s["unit"] for s in info_all["steps"]] == recorded
-    return {"focus": focus, "refine_matches_record": matches,
-            "refine": {"all": info_all, "answered": info_focus},
+    return {"focus": focus, "focus_triggers": focus_t, "refine_matches_record": matches,
+            "refine": {"all": info_all, "answered": info_focus, "answered-triggers": info_t},
             "give_back": {v: finals[v][1] for v in VARIANTS},
             "pruned": {v: int((finals[v][0] < 0.5).sum()) for v in VARIANTS},
             "test": dict(zip(["choice", *VARIANTS], results))}
@@ -114,19 +124,20 @@ def fmt(o: dict) -> str:
 
 
 def table(rows: list[dict]) -> list[str]:
-    lines = ["| record | answered classes | agent's choice | all (default) | a: refine answered | "
-             "b: both answered |", "|---|---|---|---|---|---|"]
+    lines = ["| record | answered classes | agent's choice | all | a: refine answered (default) | "
+             "b: both answered | t: refine answered triggers |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["test"]
         lines.append(f"| {r['record']} | {r['focus']['answered_classes'] or '-'} | "
-                     + " | ".join(fmt(t[k]) for k in ("choice", *VARIANTS)) + " |")
+                     + " | ".join(fmt(t[k]) if k in t else "-" for k in ("choice", *VARIANTS)) + " |")
     lines.append("")
     lines.append("cells: test ASR % / test ACC drop (points) / DER %; (met): ASR <= 2% at a drop <= 2")
     lines.append("")
     for k in ("choice", *VARIANTS):
-        ders = [r["test"][k]["der"] for r in rows]
-        lines.append(f"- {k}: mean DER {sum(ders) / len(ders):.2f} over {len(ders)} repairs, target met "
-                     f"on {sum(r['test'][k]['met'] for r in rows)}")
+        ders = [r["test"][k]["der"] for r in rows if k in r["test"]]
+        if ders:
+            lines.append(f"- {k}: mean DER {sum(ders) / len(ders):.2f} over {len(ders)} repairs, target met "
+                         f"on {sum(r['test'][k]['met'] for r in rows if k in r['test'])}")
     bad = [r["record"] for r in rows if r["refine_matches_record"] is False]
     taken = [r["record"] for r in rows if r["refine_matches_record"] is None]
     lines.append(f"- replayed refinement (all) differs from the record's on: {', '.join(bad) or 'none'}")
