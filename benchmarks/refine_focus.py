@@ -12,8 +12,8 @@ own ``_refine`` and ``_give_back``:
   (``ONP._focus``), the give-back step on every suspect;
 - ``b``: both steps on the answered suspects;
 - ``t`` (stop 45): the refinement on the stand-in triggers the choice answered alone
-  (``refine_focus="answered-triggers"``), the give-back step on every suspect (as ``a``, which
-  is ONP's default since stop 34: ``refine_focus="answered"``).
+  (``refine_focus="answered-triggers"``, ONP's default since stop 45), the give-back step on
+  every suspect (as ``a``: ``refine_focus="answered"``, the default of stops 34-44).
 
 Each final pruning is measured on the zoo model's test split with the true trigger, which
 the defense never sees. The agent is not rerun: its choice is the record's.
@@ -83,6 +83,7 @@ def replay_focus(run, record: dict, train: dict, data_dir, recorded_refinement: 
     confirm = MaskEvaluator(measure.accuracy.model, units, x, y) if o.confirm_on_all else None
     base_acc = float(measure.unpruned["acc"][0])
     probe = measure.probe
+    defense.options.refine_focus = "answered"  # variants a and b (t sets its own below)
     focused, focus = defense._focus(chosen, probe, measure, measure.accuracy, units.total)
 
     def refine(terms):
@@ -124,8 +125,8 @@ def fmt(o: dict) -> str:
 
 
 def table(rows: list[dict]) -> list[str]:
-    lines = ["| record | answered classes | agent's choice | all | a: refine answered (default) | "
-             "b: both answered | t: refine answered triggers |", "|---|---|---|---|---|---|---|"]
+    lines = ["| record | answered classes | agent's choice | all | a: refine answered (stops 34-44) | "
+             "b: both answered | t: refine answered triggers (default) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["test"]
         lines.append(f"| {r['record']} | {r['focus']['answered_classes'] or '-'} | "
