@@ -518,15 +518,17 @@ def test_refine_focus_scores_only_the_suspect_classes_the_choice_answered():
     with pytest.raises(ConfigError, match="refine_focus must be one of all, answered"):
         ONP(seed=0, refine_focus="some")
 
-    # "answered-triggers": only the stand-ins the choice halved, not the class's other ones
+    # "answered-triggers": an answered class's feature stand-in counts only if the choice
+    # halved it too; its pixel stand-in counts whatever it lost
     view = probe.answered(keep_without(0), per_trigger=True)
     assert view.answered_classes == [0] and view.suspects == [probe.suspects[0]]
     assert torch.allclose(view.score(masks), torch.tensor([0.5, 0.0, 0.0]))
     assert probe.answered(keep_without(), per_trigger=True) is None  # nothing answered
     assert probe.answered(keep_without(0, 2, 4), per_trigger=True) is None  # every stand-in
-    # both of class 0's stand-ins halved, class 1's untouched: the same view as per class
-    both = probe.answered(keep_without(0, 4), per_trigger=True)
-    assert both.suspects == probe.answered(keep_without(0, 4)).suspects
+    # the feature stand-in halved, the pixel one untouched: both stay, as per class
+    feature = probe.answered(keep_without(4), per_trigger=True)
+    assert feature.suspects == [probe.suspects[0], probe.suspects[2]]
+    assert feature.suspects == probe.answered(keep_without(4)).suspects
     triggers = ONP(seed=0, refine_focus="answered-triggers")
     focused, info = triggers._focus(keep_without(0), probe, terms, Held(), 6)
     assert info["suspects"] == [list(probe.suspects[0])] and "stand-in triggers" in info["rule"]

@@ -646,12 +646,16 @@ class SuspectsProbe(Probe):
         ``Options.refine_focus``). A backdoor is a shortcut that a few channels carry, so the
         class whose stand-in a small pruning disables is the one the pruning found; a false
         suspect's stand-in is a natural feature, which the same pruning hardly moves.
-        ``per_trigger``: keep only the answered stand-in triggers themselves, not every
-        stand-in of an answered class (``refine_focus="answered-triggers"``): the same reading
-        one level down, since a class's other stand-ins that the pruning hardly moved (a
-        feature trigger written into channels its reverse chose, a pixel trigger of a natural
-        feature) are not where the pruning found the backdoor either. None when the pruning
-        answered no suspect (class or trigger) or all of them (nothing to restrict).
+        ``per_trigger`` (``refine_focus="answered-triggers"``): of an answered class's
+        feature-space stand-ins, keep only those the pruning answered itself; its input-space
+        ones (pixel, warp) are kept whatever they lost. A feature trigger is written into the
+        channels its reverse chose, so one the pruning hardly moved says only that the pruning
+        missed those channels, not that the backdoor runs there; an input-space trigger enters
+        where the real one does, and one the pruning only dented is still the backdoor's
+        best stand-in (vgg_small BadNets seed 1: the choice halved both feature stand-ins and
+        cut the pixel one by a third; refining on the feature ones alone left 3.60% ASR at
+        -2.72 points, with the pixel one 3.47% at -2.00; BENCHMARKS.md, "Stop 45"). None when
+        the pruning answered no suspect class or left nothing out (nothing to restrict).
         The view shares the parts' evaluators, so its evaluations count in this probe's."""
         masks = torch.stack([torch.ones_like(keep), keep]).float()
         scores = self._part_scores(masks, {})  # (parts, 2)
@@ -662,9 +666,10 @@ class SuspectsProbe(Probe):
         hit = [i for i, share_lost in enumerate(lost.tolist()) if share_lost >= share]
         chosen = sorted({classes[i] for i in hit})
         if per_trigger:
-            if not hit or len(hit) == len(classes):
+            kept = [i for i, c in enumerate(classes)
+                    if i in hit or (c in chosen and self.suspects[i][0] != "feature")]
+            if not kept or len(kept) == len(classes):
                 return None
-            kept = hit
         else:
             if not chosen or len(chosen) == len(set(classes)):
                 return None
