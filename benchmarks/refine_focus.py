@@ -11,9 +11,11 @@ own ``_refine`` and ``_give_back``:
 - ``a``: the refinement on the suspects of the classes the choice answered
   (``ONP._focus``), the give-back step on every suspect;
 - ``b``: both steps on the answered suspects;
-- ``t`` (stop 45): the refinement on the stand-in triggers the choice answered alone
-  (``refine_focus="answered-triggers"``, ONP's default since stop 45), the give-back step on
-  every suspect (as ``a``: ``refine_focus="answered"``, the default of stops 34-44).
+- ``t`` (stop 45): the refinement on ``a``'s suspects less the feature-space stand-ins the
+  choice did not itself answer (``refine_focus="answered-triggers"``, ONP's default since
+  stop 45; the stop-45 replays in BENCHMARKS.md ran its first version, which left out pixel
+  and warp stand-ins too), the give-back step on every suspect (as ``a``:
+  ``refine_focus="answered"``, the default of stops 34-44).
 
 Each final pruning is measured on the zoo model's test split with the true trigger, which
 the defense never sees. The agent is not rerun: its choice is the record's.

@@ -683,14 +683,15 @@ class ONP(Defense):
         per_trigger = self.options.refine_focus == "answered-triggers"
         view = (probe.answered(keep.float().cpu(), per_trigger=per_trigger)
                 if hasattr(probe, "answered") else None)
-        what = "stand-in triggers" if per_trigger else "suspect classes"
         if view is None:
             return measure, {"answered_classes": None,
-                             "rule": f"every suspect (the choice answered none or all of the {what}, "
-                                     f"or the probe has no suspects)"}
-        rule = ("the stand-in triggers that lost at least half of their unpruned score under the choice"
-                if per_trigger else "the suspects of the classes one of whose stand-in triggers lost "
-                                    "at least half of its unpruned score under the choice")
+                             "rule": "every suspect (the choice answered none or all of the suspect "
+                                     "classes" + (", or left none of their stand-in triggers out"
+                                                  if per_trigger else "") + ", or the probe has no suspects)"}
+        rule = ("the suspects of the classes one of whose stand-in triggers lost at least half of its "
+                "unpruned score under the choice")
+        if per_trigger:
+            rule += ", less their feature-space stand-in triggers that lost less than half"
         return RewardTerms(self.options, accuracy, view, total), {
             "answered_classes": view.answered_classes, "lost_share": view.lost_share,
             "suspects": [list(s) for s in view.suspects], "rule": rule}
