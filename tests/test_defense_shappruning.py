@@ -485,15 +485,23 @@ def test_recheck_stops_where_the_reversed_target_is_no_longer_an_outlier(backdoo
 
 
 def test_repairs_a_warping_backdoor_from_one_image_per_class(wanet_case):
-    """WaNet from ten images: Neural Cleanse's patch and the feature reverse flag nothing on
-    them, the warp reverse (reverse="auto" consults it then) flags the target, and the game on
-    its reversed warp prunes the channels of the real one."""
+    """WaNet from ten images: the warp reverse flags the target, and the game on its reversed
+    warp prunes the channels of the real one. ``reverse="warp"`` asks for that reverse
+    directly: whether ``auto`` reaches it on this fixture depends on the CPU. Neural Cleanse's
+    patch reverse flags nothing on the ten images on some CPUs (``auto`` then consults the
+    warp) and flags the target itself on others (an AVX-512 EPYC, stop 45), so ``auto`` is held
+    here only to the verdict and the target; the order in which ``auto`` consults the
+    reverses is pinned by tests on fixed reverse results."""
     few = data.clean_subset(wanet_case.clean, per_class=1, seed=0)
+    auto = tp.repair(wanet_case.model, few, method="shappruning", seed=0, **FAST)
+    assert auto.verdict == "backdoor detected" and auto.target == 0, auto.details["reverse"]
+    if auto.details["reverse"]["flagged"] == []:
+        assert auto.details["trigger_space"] == "warp"
     state = {k: v.clone() for k, v in wanet_case.model.state_dict().items()}
-    r = tp.repair(wanet_case.model, few, method="shappruning", seed=0, **FAST)
+    r = tp.repair(wanet_case.model, few, method="shappruning", seed=0, reverse="warp", **FAST)
     assert all(torch.equal(state[k], v) for k, v in wanet_case.model.state_dict().items())
     d = r.details
-    assert d["reverse"]["flagged"] == [] and d["trigger_space"] == "warp", d["reverse"]
+    assert d["trigger_space"] == "warp"
     assert r.verdict == "backdoor detected" and r.target == 0
     assert d["warp_reverse"]["flagged"] == [0] and d["trigger"]["class"] == 0
     assert r.images["trigger_warp_displacement"].shape == (1, 28, 28)
