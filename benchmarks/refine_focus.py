@@ -85,8 +85,7 @@ def replay_focus(run, record: dict, train: dict, data_dir, recorded_refinement: 
     confirm = MaskEvaluator(measure.accuracy.model, units, x, y) if o.confirm_on_all else None
     base_acc = float(measure.unpruned["acc"][0])
     probe = measure.probe
-    defense.options.refine_focus = "answered"  # variants a and b (t sets its own below)
-    focused, focus = defense._focus(chosen, probe, measure, measure.accuracy, units.total)
+    focused, focus = defense._focus(chosen, probe, measure, measure.accuracy, units.total, "answered")
 
     def refine(terms):
         reward = choice["reward"] if terms is measure else float(terms(chosen[None])["reward"][0])
@@ -100,9 +99,8 @@ def replay_focus(run, record: dict, train: dict, data_dir, recorded_refinement: 
     else:
         refined_all, info_all = refine(measure)
     refined_focus, info_focus = (refined_all, info_all) if focused is measure else refine(focused)
-    defense.options.refine_focus = "answered-triggers"
-    focused_t, focus_t = defense._focus(chosen, probe, measure, measure.accuracy, units.total)
-    defense.options.refine_focus = "answered"
+    focused_t, focus_t = defense._focus(chosen, probe, measure, measure.accuracy, units.total,
+                                        "answered-triggers")
     same = focus_t.get("suspects") == focus.get("suspects")
     refined_t, info_t = ((refined_focus, info_focus) if same else
                          (refined_all, info_all) if focused_t is measure else refine(focused_t))

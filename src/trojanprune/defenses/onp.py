@@ -675,12 +675,12 @@ class ONP(Defense):
         return keeps[best], choice
 
     def _focus(self, keep: torch.Tensor, probe, measure: "RewardTerms", accuracy: MaskEvaluator,
-               total: int) -> tuple["RewardTerms", dict]:
-        """The reward terms that the refinement uses (Options.refine_focus; ours): the probe
-        restricted to the suspect classes the chosen pruning ``keep`` answered, or ``measure``
-        itself when the probe has no suspects to restrict or the choice answered none or all
-        of them."""
-        per_trigger = self.options.refine_focus == "answered-triggers"
+               total: int, refine_focus: str | None = None) -> tuple["RewardTerms", dict]:
+        """The reward terms that the refinement uses (Options.refine_focus, or ``refine_focus``
+        when given; ours): the probe restricted to the suspect classes the chosen pruning
+        ``keep`` answered, or ``measure`` itself when the probe has no suspects to restrict or
+        the choice answered none or all of them."""
+        per_trigger = (refine_focus or self.options.refine_focus) == "answered-triggers"
         view = (probe.answered(keep.float().cpu(), per_trigger=per_trigger)
                 if hasattr(probe, "answered") else None)
         if view is None:
