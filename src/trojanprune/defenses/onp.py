@@ -235,7 +235,15 @@ class Options:
     Final choice:
     acc_tolerance: the chosen pruning's held-out accuracy may be at most this FRACTION below
         the unpruned model's (0.02 = 2 points, as this toolkit's ANP and RNP; with 250 held-out
-        images accuracy moves in 0.4-point steps).
+        images accuracy moves in 0.4-point steps). The defender's images understate the test
+        drop: on the eight seed-0 grid cells the final pruning's test drop was above its drop
+        on the 500 clean images on all eight, by 0.72 points on average, and the paired
+        standard error of that drop is about one point (BENCHMARKS.md, "Stop 46"). A tighter
+        guard buys accuracy with backdoors: at 0.01 the mean test drop fell from 2.07 to 1.33
+        points and issue 5's target was met on 5 cells instead of 4, but resnet20 Blended kept
+        17.58% ASR and BadNets 3.97%, and the mean DER fell from 96.99 to 96.09; 0.015 lost
+        the same two (5.71% and 5.96%). Hence 0.02, with 0.01 a choice for a defender who
+        values accuracy over the last percents of ASR.
     accuracy: what "accuracy" means in the reward, in ``acc_tolerance``'s guard and in
         ``confirm_on_all``'s (ours): "top1" (default: the fraction of images classified as
         their label) or "soft" (the mean softmax probability of the label; it moves with every
