@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from trojanprune.bench.results import RESULTS_FILE, latest, read_results
 from trojanprune.defenses.base import CleanData
 from trojanprune.defenses.shappruning import shifted_views
 from trojanprune.engine import MaskEvaluator
@@ -50,13 +51,10 @@ PRUNED_ROW = re.compile(r'<code>([^<]+)</code></td><td class="num">\d+</td><td c
 def grid_records(folder: Path, defense: str = "onp") -> list[tuple[str, dict]]:
     """(run name, record) for each ``defense`` cell of a grid folder: the record's fields that
     this script reads, from ``results.jsonl`` and the cell's HTML report."""
-    rows = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()[1:]]
-    latest = {}
-    for row in rows:
-        if row.get("defense") == defense and row.get("status") == "ok":
-            latest[(row["dataset"], row["arch"], row["attack"], row["seed"])] = row
+    _, rows = read_results(folder / RESULTS_FILE)
+    cells = latest(r for r in rows if r.get("defense") == defense and r.get("status") == "ok")
     out = []
-    for (dataset, arch, attack, seed), row in sorted(latest.items()):
+    for (dataset, arch, attack, _, seed), row in sorted(cells.items()):
         # the report as the grid wrote it into this folder (the row's path is the machine's)
         page = html.unescape((folder / "reports" / Path(row["report"]).name).read_text())
         start = page.index(DETAILS_OPEN) + len(DETAILS_OPEN)

@@ -18,6 +18,8 @@ import argparse
 import json
 from pathlib import Path
 
+from trojanprune.bench.results import RESULTS_FILE, latest, read_results
+
 ARCHS = ("vgg_small", "resnet20")
 ATTACKS = ("badnets", "blended", "wanet", "sig")
 
@@ -26,12 +28,13 @@ def grid_cells(folders: list[str]) -> dict[tuple[str, str], dict]:
     """(arch, attack) -> the latest ONP seed-0 row of the grid folders."""
     cells = {}
     for folder in folders:
-        for line in (Path(folder) / "results.jsonl").read_text().splitlines()[1:]:
-            row = json.loads(line)
-            if row.get("defense") == "onp" and row.get("seed") == 0 and row.get("status") == "ok":
-                cells[(row["arch"], row["attack"])] = {
-                    "acc_before": row["acc_before"], "asr_before": row["asr_before"],
-                    "acc": row["acc_after"], "asr": row["asr_after"], "der": row["der"]}
+        _, rows = read_results(Path(folder) / RESULTS_FILE)
+        onp = latest(r for r in rows if r.get("defense") == "onp" and r.get("seed") == 0
+                     and r.get("status") == "ok")
+        for row in onp.values():
+            cells[(row["arch"], row["attack"])] = {
+                "acc_before": row["acc_before"], "asr_before": row["asr_before"],
+                "acc": row["acc_after"], "asr": row["asr_after"], "der": row["der"]}
     return cells
 
 
