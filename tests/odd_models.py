@@ -120,6 +120,53 @@ class ShuffleNetLike(nn.Module):
         return self.fc(x.mean([2, 3]))
 
 
+class ShuffleV2Unit(nn.Module):
+    """torchvision's ShuffleNetV2 unit, as it writes it: a stride-2 unit runs two branches on the
+    whole input, a stride-1 unit chunks it in two, and the shuffle is view, transpose,
+    ``contiguous()`` and view again (the 5-D view that Torch-Pruning could not map)."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        half = cout // 2
+        self.stride = stride
+        if stride > 1:
+            self.branch1 = nn.Sequential(
+                nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin),
+                nn.Conv2d(cin, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True))
+        self.branch2 = nn.Sequential(
+            nn.Conv2d(cin if stride > 1 else half, half, 1, bias=False), nn.BatchNorm2d(half),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(half, half, 3, stride, 1, groups=half, bias=False), nn.BatchNorm2d(half),
+            nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        if self.stride == 1:
+            a, b = x.chunk(2, dim=1)
+            out = torch.cat((a, self.branch2(b)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        n, c, h, w = out.shape
+        out = out.view(n, 2, c // 2, h, w)
+        return torch.transpose(out, 1, 2).contiguous().view(n, c, h, w)
+
+
+class ShuffleNetV2Like(nn.Module):
+    """A small torchvision-style ShuffleNetV2 (stem, two stages of a stride-2 unit and stride-1
+    units, 1x1 head conv). Two stride-1 units in a row are what broke the tracing."""
+
+    def __init__(self, nc=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+        self.stage2 = nn.Sequential(ShuffleV2Unit(16, 32, 2), ShuffleV2Unit(32, 32, 1))
+        self.stage3 = nn.Sequential(ShuffleV2Unit(32, 64, 2), ShuffleV2Unit(64, 64, 1), ShuffleV2Unit(64, 64, 1))
+        self.head = nn.Sequential(nn.Conv2d(64, 96, 1, bias=False), nn.BatchNorm2d(96), nn.ReLU(inplace=True))
+        self.fc = nn.Linear(96, nc)
+
+    def forward(self, x):
+        x = self.head(self.stage3(self.stage2(self.stem(x))))
+        return self.fc(x.mean([2, 3]))
+
+
 class ConvNeXtBlock(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -219,5 +266,6 @@ class SharedBlock(nn.Module):
 
 #: name -> (class, input side); every model takes 3-channel images and has 10 classes
 ARCHS = {"densenet": (TinyDenseNet, 32), "senet": (SENet, 32), "shufflenet": (ShuffleNetLike, 32),
+         "shufflenet_v2": (ShuffleNetV2Like, 32),
          "convnext": (ConvNeXtLike, 32), "vit": (TinyViT, 32), "inception": (Inception, 32),
          "bn1d_64px": (BN1dMLPHead, 64), "shared_block": (SharedBlock, 32)}

@@ -295,6 +295,7 @@ def discover_units(model: nn.Module, example_input: torch.Tensor, include_linear
     """
     import torch_pruning as tp  # heavy import, only needed here
 
+    _restore_input_sizes()
     x = _example(model, example_input)
     flags = {m: m.training for m in model.modules()}
     names = _module_names(model)
@@ -319,10 +320,18 @@ def discover_units(model: nn.Module, example_input: torch.Tensor, include_linear
     tied = _output_tied(dg)
     roots = (_PRODUCER if include_linear else (_CONV,))
     groups: list[UnitGroup] = []
-    for tp_group in dg.get_all_groups(root_module_types=roots):
-        group = _make_group(dg, tp_group, names, order, tied)
-        if group is not None:
-            groups.append(group)
+    try:
+        for tp_group in dg.get_all_groups(root_module_types=roots):
+            group = _make_group(dg, tp_group, names, order, tied)
+            if group is not None:
+                groups.append(group)
+    except TrojanPruneError:
+        raise
+    except Exception as exc:  # Torch-Pruning traced the model but cannot follow its channels
+        raise TrojanPruneError(
+            f"could not follow the channels of {type(model).__name__} from layer to layer "
+            f"({type(exc).__name__}: {exc}); the model has a reshape, split or concatenation "
+            "that Torch-Pruning cannot map. Please report the model definition.") from exc
     groups.sort(key=lambda g: g.depth)
     if not groups:
         what = "conv or hidden linear" if include_linear else "conv"
@@ -330,6 +339,54 @@ def discover_units(model: nn.Module, example_input: torch.Tensor, include_linear
             f"{type(model).__name__} has nothing prunable: no {what} layer whose output channels "
             "can be removed (the output layer never is). Pruning defenses need such layers.")
     return Units(groups, tuple(example_input.shape[1:]))
+
+
+class _InputSizes:
+    """An autograd node as Torch-Pruning expects to find it: with ``_saved_self_sizes`` (the
+    op's input shape), which PyTorch now names ``_saved_self_sym_sizes``; everything else is
+    the node's own."""
+
+    def __init__(self, grad_fn):
+        self._grad_fn = grad_fn
+        self._saved_self_sizes = tuple(int(s) for s in grad_fn._saved_self_sym_sizes)
+
+    def __getattr__(self, name):
+        return getattr(self._grad_fn, name)
+
+
+def _restore_input_sizes() -> None:
+    """Give Torch-Pruning's shape rules the input shapes they read under an older name.
+
+    Torch-Pruning (1.6.1) reads a reshape's or a split's input shape from
+    ``grad_fn._saved_self_sizes``, which PyTorch 2.x calls ``_saved_self_sym_sizes``. Without
+    it, its rules fall back to guesses: a reshape whose input is not 2-D or 4-D is mapped
+    anyway (torchvision ShuffleNetV2's channel-shuffle view divided by zero), and a chunk's
+    sizes are inferred from its consumers (wrong in the same model). So its two passes that
+    read shapes run with every node's autograd function showing the old name too. Installed
+    once; where the old name exists, nothing changes.
+    """
+    from torch_pruning.dependency import index_mapping, shape_infer
+
+    for module, name in ((shape_infer, "init_shape_information"), (index_mapping, "update_index_mapping")):
+        original = getattr(module, name)
+        if getattr(original, "_trojanprune_sizes", False):
+            continue
+
+        def with_sizes(graph, _original=original):
+            swapped = []
+            for node in graph.module2node.values():
+                fn = node.grad_fn
+                if not hasattr(fn, "_saved_self_sizes") and hasattr(fn, "_saved_self_sym_sizes"):
+                    node.grad_fn = _InputSizes(fn)
+                    swapped.append((node, fn))
+            try:
+                return _original(graph)
+            finally:
+                for node, fn in swapped:
+                    node.grad_fn = fn
+
+        with_sizes._trojanprune_sizes = True
+        setattr(module, name, with_sizes)
 
 
 def _example(model: nn.Module, example_input) -> torch.Tensor:
