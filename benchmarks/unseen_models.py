@@ -11,6 +11,7 @@ ASR before and after, time, and any failure with its message.
     python benchmarks/unseen_models.py --cases gelu_resnet --defenses onp clp --out OUT.jsonl
     python benchmarks/unseen_models.py --clean --defenses shappruning --out OUT.jsonl  # no backdoor
     python benchmarks/unseen_models.py --table OUT.jsonl     # the markdown table of a results file
+    python benchmarks/unseen_models.py --probe-scores OUT.jsonl  # ONP's probe score vs ASR
 """
 
 from __future__ import annotations
@@ -308,10 +309,29 @@ def table(path: str) -> str:
     return "\n".join(out)
 
 
+def probe_scores(paths: list[str]) -> str:
+    """A markdown table: each ONP row with details of the results files, its ASR before and
+    after, and its probe's backdoor score on the clean images before and after the pruning."""
+    out = ["| file | case | ASR before | ASR after | probe score before -> after |", "|---|---|---|---|---|"]
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            row = json.loads(line)
+            estimate = (row.get("details") or {}).get("choice", {}).get("clean_estimate", {})
+            score = estimate.get("backdoor_score")
+            if row.get("defense") != "onp" or not score:
+                continue
+            out.append(f"| {Path(path).name} | {row['case']} | {row['before']['asr']:.2f} | "
+                       f"{row['after']['asr']:.2f} | {score[0]:.2f} -> {score[1]:.2f} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", metavar="RESULTS_JSONL",
                         help="print the markdown table of a results file and exit")
+    parser.add_argument("--probe-scores", nargs="+", metavar="RESULTS_JSONL",
+                        help="print ONP's probe backdoor score before and after each recorded "
+                             "repair (runs made with --details) and exit")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--defenses", nargs="+", default=None, help="default: every registered one")
     parser.add_argument("--data-dir", default=None)
@@ -331,6 +351,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.table:
         print(table(args.table))
+        return
+    if args.probe_scores:
+        print(probe_scores(args.probe_scores))
         return
     if not args.out:
         parser.error("--out is required to run cases")
