@@ -182,6 +182,33 @@ class ConvNeXtBlock(nn.Module):
         return x + y.permute(0, 3, 1, 2)
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """torchvision's and timm's LayerNorm on NCHW tensors: over the channels, in and out NCHW."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvNeXtLN2d(nn.Module):
+    """torchvision's ConvNeXt layout: a stem and a downsampling layer normalized by LayerNorm2d
+    (channels in dim 1 of a LayerNorm's output), blocks with channels-last LayerNorm."""
+
+    def __init__(self, nc=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 4, 4), LayerNorm2d(32, eps=1e-6))
+        self.stage1 = ConvNeXtBlock(32)
+        self.down = nn.Sequential(LayerNorm2d(32, eps=1e-6), nn.Conv2d(32, 48, 2, 2))
+        self.stage2 = ConvNeXtBlock(48)
+        self.norm = nn.LayerNorm(48)
+        self.head = nn.Linear(48, nc)
+
+    def forward(self, x):
+        x = self.stage2(self.down(self.stage1(self.stem(x))))
+        return self.head(self.norm(x.mean([-2, -1])))
+
+
 class ConvNeXtLike(nn.Module):
     """Depthwise 7x7, LayerNorm and linear layers on channels-last tensors, layer scale."""
 
@@ -266,6 +293,6 @@ class SharedBlock(nn.Module):
 
 #: name -> (class, input side); every model takes 3-channel images and has 10 classes
 ARCHS = {"densenet": (TinyDenseNet, 32), "senet": (SENet, 32), "shufflenet": (ShuffleNetLike, 32),
-         "shufflenet_v2": (ShuffleNetV2Like, 32),
+         "shufflenet_v2": (ShuffleNetV2Like, 32), "convnext_ln2d": (ConvNeXtLN2d, 32),
          "convnext": (ConvNeXtLike, 32), "vit": (TinyViT, 32), "inception": (Inception, 32),
          "bn1d_64px": (BN1dMLPHead, 64), "shared_block": (SharedBlock, 32)}

@@ -813,8 +813,8 @@ def test_masks_that_agree_on_some_layers_share_them_and_give_the_same_logits(arc
     assert (edited - plain).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("arch", ["densenet", "senet", "shufflenet", "shufflenet_v2", "convnext", "vit",
-                                  "inception", "bn1d_64px", "shared_block"])
+@pytest.mark.parametrize("arch", ["densenet", "senet", "shufflenet", "shufflenet_v2", "convnext",
+                                  "convnext_ln2d", "vit", "inception", "bn1d_64px", "shared_block"])
 def test_odd_architectures_evaluated_hooked_and_zeroed_alike(arch):
     """On constructs our zoo lacks (concatenation, SE gates, channel shuffle, LayerNorm on
     channels-last tensors, attention, a block applied twice), the batched evaluator, the hooked

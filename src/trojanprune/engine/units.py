@@ -39,7 +39,27 @@ def channel_dim(module: nn.Module) -> int:
     Convolutions and BatchNorm put channels in dim 1 (NCHW); linear and LayerNorm act on the
     last dim, which is dim 1 for the usual (N, features) input and stays right for (N, T, C).
     """
+    if isinstance(module, nn.LayerNorm) and _normalizes_dim1(module):
+        return 1
     return -1 if isinstance(module, (nn.Linear, nn.LayerNorm)) else 1
+
+
+def _normalizes_dim1(module: nn.LayerNorm) -> bool:
+    """A LayerNorm subclass with its own forward that normalizes the channels of NCHW tensors
+    (torchvision's and timm's ``LayerNorm2d`` permute to channels-last and back), so its
+    output holds the channels in dim 1. Found by running it on a small NCHW tensor: a plain
+    LayerNorm refuses one whose last dim is not its normalized shape."""
+    if type(module).forward is nn.LayerNorm.forward or len(module.normalized_shape) != 1:
+        return False
+    channels = module.normalized_shape[0]
+    weight = module.weight if module.weight is not None else torch.zeros(0)
+    probe = torch.zeros(1, channels, 2, 3, device=weight.device, dtype=weight.dtype)
+    try:
+        with torch.no_grad():
+            out = module(probe)
+    except Exception:  # not an NCHW norm: its channels are where a LayerNorm's are
+        return False
+    return isinstance(out, torch.Tensor) and tuple(out.shape) == (1, channels, 2, 3)
 
 
 def is_depthwise(module: nn.Module) -> bool:
