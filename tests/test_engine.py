@@ -892,3 +892,25 @@ def test_pruning_shift_moves_only_what_the_pruning_changed():
     assert all(torch.equal(m.running_mean, running[n][0]) and torch.equal(m.running_var, running[n][1])
                for n, m in norms.items())
     assert torch.allclose(ev.logits(keep), plain, atol=1e-5)
+
+
+def test_channel_dim_of_a_layernorm_on_nchw_tensors():
+    """torchvision's and timm's LayerNorm2d (an nn.LayerNorm subclass) keep channels in dim 1;
+    a plain LayerNorm, and a subclass that works channels-last, keep them last. Finding out
+    must not run the hooks a defense put on the module."""
+    from odd_models import LayerNorm2d
+
+    from trojanprune.engine.units import channel_dim
+
+    class ChannelsLast(nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    seen = []
+    ln2d = LayerNorm2d(8)
+    ln2d.register_forward_hook(lambda *args: seen.append(1))
+    assert channel_dim(ln2d) == 1
+    assert channel_dim(nn.LayerNorm(8)) == -1
+    assert channel_dim(ChannelsLast(8)) == -1
+    assert channel_dim(nn.BatchNorm2d(8)) == 1 and channel_dim(nn.Linear(8, 4)) == -1
+    assert seen == []

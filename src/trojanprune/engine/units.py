@@ -55,8 +55,8 @@ def _normalizes_dim1(module: nn.LayerNorm) -> bool:
     weight = module.weight if module.weight is not None else torch.zeros(0)
     probe = torch.zeros(1, channels, 2, 3, device=weight.device, dtype=weight.dtype)
     try:
-        with torch.no_grad():
-            out = module(probe)
+        with torch.no_grad():  # forward itself: no hook a defense put on the module sees the probe
+            out = type(module).forward(module, probe)
     except Exception:  # not an NCHW norm: its channels are where a LayerNorm's are
         return False
     return isinstance(out, torch.Tensor) and tuple(out.shape) == (1, channels, 2, 3)
