@@ -41,7 +41,7 @@ from trojanprune.engine import MaskEvaluator
 from trojanprune.runs import load_run
 from trojanprune.utils import derive_seed
 
-from refine_steps import defender_clean, test_evaluators
+from refine_steps import defender_clean, refinement_states, test_evaluators
 
 DETAILS_OPEN = "<summary>Method details (JSON)</summary><pre>"
 PRUNED_ROW = re.compile(r'<code>([^<]+)</code></td><td class="num">\d+</td><td class="num">\d+</td>'
@@ -75,15 +75,10 @@ def grid_records(folder: Path, defense: str = "onp") -> list[tuple[str, dict]]:
 def states(record: dict) -> list[tuple[str, list[tuple[str, int]]]]:
     """(name, pruned channels) of the agent's choice, each refinement step and, when the
     give-back step returned channels, the final pruning."""
-    choice = record["details"]["choice"]
-    final = [tuple(p) for p in record["pruned"]]
-    returned = [tuple(r["unit"]) for r in choice.get("give_back", {}).get("returned", [])]
-    steps = [tuple(s["unit"]) for s in choice.get("refine", {}).get("steps", [])]
-    refined = final + returned
-    out = [("choice", [p for p in refined if p not in steps])]
-    out += [(f"step {k}", [p for p in refined if p not in steps[k:]]) for k in range(1, len(steps) + 1)]
-    if returned:
-        out.append(("given back", final))
+    refined = refinement_states(record, with_returned=True)
+    out = [("choice" if k == 0 else f"step {k}", pruned) for k, pruned in enumerate(refined)]
+    if record["details"]["choice"].get("give_back", {}).get("returned"):
+        out.append(("given back", [tuple(p) for p in record["pruned"]]))
     return out
 
 

@@ -125,16 +125,25 @@ def test_evaluators(run, data_dir=None):
     return units, clean, triggered, attack.target, base
 
 
+def refinement_states(record: dict, with_returned: bool) -> list[list[tuple[str, int]]]:
+    """The pruned channels after each refinement step k (row 0: the agent's choice), rebuilt
+    from the record as the final pruning without the channels that later steps added.
+
+    ``with_returned``: also count as pruned the channels the give-back step returned later (they
+    were pruned at these states). False leaves them out, as the replays of stops 30-45 did
+    (``step_masks``)."""
+    choice = record["details"]["choice"]
+    steps = [tuple(s["unit"]) for s in choice.get("refine", {}).get("steps", [])]
+    pruned = [tuple(p) for p in record["pruned"]]
+    if with_returned:
+        pruned += [tuple(r["unit"]) for r in choice.get("give_back", {}).get("returned", [])]
+    return [[p for p in pruned if p not in steps[k:]] for k in range(len(steps) + 1)]
+
+
 def step_masks(record: dict, units) -> torch.Tensor:
-    """(steps + 1, units.total) keep masks: row k is the pruning after refinement step k (the
-    final pruning without the channels that later steps added; row 0 is the agent's choice)."""
-    steps = record["details"]["choice"].get("refine", {}).get("steps", [])
-    final = [tuple(p) for p in record["pruned"]]
-    masks = []
-    for k in range(len(steps) + 1):
-        later = {tuple(s["unit"]) for s in steps[k:]}
-        masks.append(units.keep_mask([p for p in final if p not in later]))
-    return torch.stack(masks).float()
+    """(steps + 1, units.total) keep masks of :func:`refinement_states` (without the channels
+    the give-back step returned)."""
+    return torch.stack([units.keep_mask(p) for p in refinement_states(record, with_returned=False)]).float()
 
 
 def defender_clean(run, record: dict, cache: dict, data_dir=None) -> tuple[torch.Tensor, torch.Tensor]:
