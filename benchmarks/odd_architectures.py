@@ -81,12 +81,17 @@ def import_torchvision():
     return torchvision
 
 
+def torchvision_arch(torchvision, name: str):
+    """(model factory, input side) of torchvision's ``name``: 10 classes, random weights."""
+    return (lambda: torchvision.models.get_model(name, num_classes=10, **TORCHVISION_KWARGS.get(name, {})),
+            TORCHVISION_SIDE.get(name, 32))
+
+
 def add_torchvision(names: list[str]) -> None:
     """Put torchvision's ``names`` into ARCHS (as "tv-NAME")."""
     torchvision = import_torchvision()
     for name in names:
-        ARCHS[f"tv-{name}"] = (lambda name=name: torchvision.models.get_model(
-            name, num_classes=10, **TORCHVISION_KWARGS.get(name, {})), TORCHVISION_SIDE.get(name, 32))
+        ARCHS[f"tv-{name}"] = torchvision_arch(torchvision, name)
 
 
 def fitted(name: str):

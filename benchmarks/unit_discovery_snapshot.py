@@ -45,15 +45,15 @@ def cases() -> dict:
     for name, cls in unseen_models.ARCHS.items():
         out[f"unseen-{name}"] = (lambda cls=cls: cls(1, 10), 1, 28)
     try:
-        from odd_architectures import TORCHVISION_KWARGS, TORCHVISION_SIDE, import_torchvision
+        from odd_architectures import import_torchvision, torchvision_arch
 
         torchvision = import_torchvision()
     except ImportError:
         print("torchvision is not installed: its models are left out", file=sys.stderr)
         return out
     for name in TORCHVISION:
-        out[f"tv-{name}"] = (lambda name=name: torchvision.models.get_model(
-            name, num_classes=10, **TORCHVISION_KWARGS.get(name, {})), 3, TORCHVISION_SIDE.get(name, 32))
+        make, side = torchvision_arch(torchvision, name)
+        out[f"tv-{name}"] = (make, 3, side)
     return out
 
 
