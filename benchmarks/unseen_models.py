@@ -21,6 +21,7 @@ import json
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from torch.nn import functional as F
 
 import trojanprune as tp
 from trojanprune import attacks, data, metrics
+from trojanprune.attacks.base import Attack
 from trojanprune.training import TrainConfig, train
 from trojanprune.utils import derive_seed
 
@@ -214,6 +216,80 @@ class ConvNeXtMini(nn.Module):
         return self.fc(self.head_norm(x.mean((2, 3))))
 
 
+@dataclass
+class LowFrequencyOptions:
+    """eps: the trigger's largest pixel change; cutoff: the highest spatial frequency kept
+    (cycles per image, in each direction)."""
+
+    eps: float = 0.15
+    cutoff: int = 3
+
+
+class LowFrequency(Attack):
+    """A smooth additive trigger, x' = clip(x + eps * p): p is random noise with every spatial
+    frequency above ``cutoff`` removed, scaled to a largest value of 1.
+
+    A stand-in for BackdoorBench's LF attack (Zeng et al., "Rethinking the Backdoor Attacks'
+    Triggers: A Frequency Perspective", ICCV 2021), whose pattern is a low-passed *universal
+    adversarial perturbation* of a clean model: this one has its place in frequency, a global,
+    smooth, faint change with no patch to find, but not its adversarial direction.
+    """
+
+    name = "low-frequency"
+    Options = LowFrequencyOptions
+
+    def _build(self) -> None:
+        c, h, w = self.image_shape
+        noise = torch.randn(c, h, w, generator=torch.Generator().manual_seed(self.seed))
+        spectrum = torch.fft.fft2(noise)
+        fy, fx = torch.fft.fftfreq(h) * h, torch.fft.fftfreq(w) * w
+        keep = (fy.abs().view(-1, 1) <= self.options.cutoff) & (fx.abs().view(1, -1) <= self.options.cutoff)
+        smooth = torch.fft.ifft2(spectrum * keep).real
+        self.pattern = smooth / smooth.abs().amax()
+
+    def _apply(self, x):
+        return (x + self.options.eps * self._on("pattern", x)).clamp(0, 1)
+
+
+@dataclass
+class SampleNoiseOptions:
+    """eps: each pixel moves by +eps or -eps (then clipped to [0, 1])."""
+
+    eps: float = 0.1
+
+
+class SampleNoise(Attack):
+    """A sample-specific trigger: every image gets its own +-eps noise, drawn from a hash of
+    the image itself (so the trigger is a pure function of the image, as every attack here).
+
+    A stand-in for the sample-specific triggers of SSBA (Li et al., ICCV 2021: an encoder's
+    invisible per-image residual) and Input-aware (Nguyen & Tran, NeurIPS 2020: a generator's
+    per-image pattern): no single mask and pattern triggers every image, which is what a
+    Neural-Cleanse-style reverse searches for. Unlike theirs, the noise carries no learned
+    structure; the model learns to detect the noise itself.
+    """
+
+    name = "sample-noise"
+    Options = SampleNoiseOptions
+
+    def _build(self) -> None:
+        c, h, w = self.image_shape
+        gen = torch.Generator().manual_seed(self.seed)
+        self.hash_weights = torch.randint(1, 2 ** 20, (c * h * w,), generator=gen)
+
+    def _apply(self, x):
+        levels = (x.detach().cpu().flatten(1) * 255).round().long()
+        seeds = (levels * self.hash_weights).sum(1) % (2 ** 31 - 1)
+        signs = torch.stack([torch.randint(0, 2, x.shape[1:], generator=torch.Generator().manual_seed(int(s)))
+                             for s in seeds]).to(x) * 2 - 1
+        return (x + self.options.eps * signs).clamp(0, 1)
+
+
+#: trigger families defined here rather than in the attack registry (``CASES``' "attack" names
+#: either)
+LOCAL_ATTACKS = {"low-frequency": LowFrequency, "sample-noise": SampleNoise}
+
+
 ARCHS = {"gelu_resnet": GeluResNet, "plain_nobn": PlainNoBN, "groupnorm_silu": GroupNormSiLU,
          "mobile_like": MobileLike, "mlp": MLPNet, "dense_concat": DenseConcat,
          "convnext_mini": ConvNeXtMini}
@@ -235,6 +311,11 @@ CASES = {
     "convnext_mini": dict(dataset="mnist", arch="convnext_mini", attack="badnets",
                           attack_options=dict(patch_size=3, position="top-right", colour="white"),
                           target=6),
+    # stop 48: trigger families the defaults were never looked at on (defined above)
+    "lowfreq_gelu": dict(dataset="mnist", arch="gelu_resnet", attack="low-frequency",
+                         attack_options=dict(eps=0.15, cutoff=3), target=4),
+    "sample_noise_mobile": dict(dataset="mnist", arch="mobile_like", attack="sample-noise",
+                                attack_options=dict(eps=0.1), target=8),
 }
 
 DATA_FOR = {"shappruning": dict(per_class=1), "clp": None}
@@ -254,8 +335,9 @@ def build_case(name: str, data_dir, epochs: int, train_images: int, models_dir: 
     defender_pool = full.subset(order[train_images:train_images + 10000])
     test = data.load_dataset(spec["dataset"], "test", data_dir=data_dir)
     test = test.subset(range(0, len(test), max(1, len(test) // 2000)))
-    attack = attacks.create(spec["attack"], train_set.image_shape, train_set.num_classes,
-                            target=spec["target"], seed=0, **spec["attack_options"])
+    make = LOCAL_ATTACKS.get(spec["attack"], lambda *a, **k: attacks.create(spec["attack"], *a, **k))
+    attack = make(train_set.image_shape, train_set.num_classes, target=spec["target"], seed=0,
+                  **spec["attack_options"])
     poisoned = train_set if clean else attack.poison(train_set, rate=0.1, seed=1)[0]
     torch.manual_seed(0)
     c = train_set.image_shape[0]
