@@ -49,9 +49,11 @@ QUICK = {
 
 #: torchvision models whose stems need more than 32x32 pixels
 TORCHVISION_SIDE = {"squeezenet1_0": 64, "squeezenet1_1": 64, "googlenet": 64, "inception_v3": 299}
-#: and those that return auxiliary outputs in train mode unless told not to
+#: and those that return auxiliary outputs in train mode unless told not to, or whose
+#: positional embedding is sized for 224x224 unless told the image size
 TORCHVISION_KWARGS = {"googlenet": dict(aux_logits=False, init_weights=True),
-                      "inception_v3": dict(aux_logits=False, init_weights=True)}
+                      "inception_v3": dict(aux_logits=False, init_weights=True),
+                      "vit_b_16": dict(image_size=32)}
 
 
 def import_torchvision():

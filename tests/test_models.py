@@ -74,6 +74,40 @@ def test_whole_model_pickle_refused(tmp_path):
         models.load_weights(models.create("lenet5", 10, 1), tmp_path / "full.pt")
 
 
+@pytest.mark.parametrize("compile_", ["script", "trace"])
+def test_torchscript_archive_refused_with_what_to_do(tmp_path, compile_):
+    model = models.create("lenet5", 10, 1).eval()
+    compiled = (torch.jit.script(model) if compile_ == "script"
+                else torch.jit.trace(model, torch.rand(1, 1, 28, 28)))
+    torch.jit.save(compiled, tmp_path / "compiled.pt")
+    with pytest.raises(CheckpointError, match=r"TorchScript archive.*state_dict\(\)"):
+        models.load_weights(models.create("lenet5", 10, 1), tmp_path / "compiled.pt")
+    torch.save(model.state_dict(), tmp_path / "weights.pt")  # a plain zip checkpoint still loads
+    models.load_weights(models.create("lenet5", 10, 1), tmp_path / "weights.pt")
+
+
+def test_torchscript_model_refused_by_repair():
+    import trojanprune as tp
+
+    model = models.create("lenet5", 10, 1).eval()
+    for compiled, where in [(torch.jit.script(model), "the model"),
+                            (torch.nn.Sequential(torch.jit.script(model)), "submodule '0'")]:
+        with pytest.raises(ConfigError, match=f"{where} is a TorchScript module.*load_state_dict"):
+            tp.repair(compiled, None, method="clp", input_shape="1,28,28")
+
+
+def test_torch_compiled_model_is_repaired_as_its_eager_module():
+    import trojanprune as tp
+
+    model = models.create("lenet5", 10, 1).eval()
+    compiled = torch.compile(model)  # compiles lazily, on a first call that never comes
+    x, y = torch.rand(20, 1, 28, 28), torch.arange(20) % 10
+    with pytest.warns(UserWarning, match="torch.compile"):
+        result = tp.repair(compiled, (x, y), method="fp", finetune_epochs=0)
+    assert type(result.model) is type(model)
+    assert result.pruned, "Fine-Pruning found no conv layer behind the wrapper"
+
+
 USER_MODEL = '''
 import torch
 from torch import nn

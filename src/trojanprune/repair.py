@@ -31,6 +31,17 @@ def repair(model: nn.Module, clean, method: str = "onp", seed: int = 0, device=N
                           "gradients (trigger reverses, masks, fine-tuning); call it outside")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = _eager(model)
+    scripted = next((f"submodule {name!r}" if name else "the model"
+                     for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)),
+                    None)
+    if scripted is not None:
+        # A compiled module hides its layers from the pruning engine (no forward hooks, no
+        # autograd graph to map channels by): every defense would fail deep inside.
+        raise ConfigError(f"{scripted} is a TorchScript module (torch.jit.script or "
+                          f"torch.jit.trace); pruning needs the eager torch.nn.Module. Build the "
+                          f"model from its Python definition and load the compiled one's weights "
+                          f"into it: model.load_state_dict(scripted.state_dict())")
     device = resolve_device(device) if device is not None else model_device(model)
     # Defenses compute in float32 (their masks, triggers and images are float32): a float64 or
     # half-precision model is repaired as a float32 copy and returned in its own dtype, in
@@ -55,6 +66,22 @@ def repair(model: nn.Module, clean, method: str = "onp", seed: int = 0, device=N
         result = defense.repair(working, data)
     result.model = result.model.to(dtype).eval()
     return result
+
+
+def _eager(model: nn.Module) -> nn.Module:
+    """The module inside torch.compile's wrapper, which is what gets repaired.
+
+    Compiled graphs do not see the forward hooks the masked evaluation sets, and the
+    engine's module-type checks do not see through the wrapper (Fine-Pruning found "no
+    prunable conv layer" in a compiled VGG), so the eager module is repaired and returned.
+    """
+    inner = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+        warnings.warn("the model is wrapped by torch.compile; repairing the eager module inside "
+                      "it (the repaired copy is not compiled: compile it again if you want)",
+                      UserWarning, stacklevel=3)
+        return inner
+    return model
 
 
 def _data_free() -> list[str]:

@@ -37,6 +37,7 @@ def read_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path} is not a valid safetensors file: {exc}") from None
     else:
+        _refuse_torchscript(path)
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
@@ -48,6 +49,29 @@ def read_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch
         except (RuntimeError, EOFError, OSError) as exc:
             raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {exc}") from None
     return _flatten(obj, key, path)
+
+
+def _refuse_torchscript(path: Path) -> None:
+    """A TorchScript archive (torch.jit.save) is refused with what to do instead: loading one
+    runs its compiled code (a module's ``__setstate__``), and torch.load's own refusal of it
+    under ``weights_only`` reads like a pickle problem."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            compiled = any("/code/__torch__/" in name or name.endswith("/constants.pkl")
+                           for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return
+    if compiled:
+        raise CheckpointError(
+            f"{path} is a TorchScript archive (torch.jit.save), not a weights file: it carries "
+            f"compiled code, which is not loaded here, and a compiled model cannot be pruned "
+            f"channel by channel. Where you trust the file, save its weights and pass those with "
+            f"the model's Python definition (--model-def): "
+            f"torch.save(torch.jit.load('{path.name}').state_dict(), 'weights.pt')")
 
 
 def _flatten(obj: Any, key: str | None, path: Path) -> dict[str, torch.Tensor]:
