@@ -71,9 +71,10 @@ def repair(model: nn.Module, clean, method: str = "onp", seed: int = 0, device=N
 def _eager(model: nn.Module) -> nn.Module:
     """The module inside torch.compile's wrapper, which is what gets repaired.
 
-    Compiled graphs do not see the forward hooks the masked evaluation sets, and the
-    engine's module-type checks do not see through the wrapper (Fine-Pruning found "no
-    prunable conv layer" in a compiled VGG), so the eager module is repaired and returned.
+    The engine's module-type checks do not see through the wrapper (Fine-Pruning found "no
+    prunable conv layer" in a compiled conv net), every masked evaluation through it would
+    recompile for its hooks, and the graphs it caches were traced from the unpruned model; so
+    the eager module is repaired and returned.
     """
     inner = getattr(model, "_orig_mod", None)
     if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
