@@ -15,6 +15,9 @@ not a dependency of the toolkit: ``pip install torchvision`` at the version that
 torch (0.28.0 for torch 2.13):
 
     python benchmarks/odd_architectures.py --torchvision resnet18 shufflenet_v2_x0_5 --defenses onp
+
+``--set DEFENSE.KEY=VALUE`` changes one of the short settings (e.g. ShapPruning's players on a
+large model: ``--set shappruning.layers=last:2``).
 """
 
 from __future__ import annotations
@@ -130,7 +133,15 @@ def main() -> int:
                         help="torchvision model names (torchvision.models.get_model)")
     parser.add_argument("--defenses", nargs="+", default=list(QUICK), choices=list(QUICK))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--set", nargs="*", default=[], metavar="DEFENSE.KEY=VALUE",
+                        help="override a short setting, e.g. shappruning.layers=last:2")
     args = parser.parse_args()
+    for item in args.set:
+        key, _, value = item.partition("=")
+        method, _, option = key.partition(".")
+        if method not in QUICK or not option or not value:
+            parser.error(f"--set wants DEFENSE.KEY=VALUE with DEFENSE one of {list(QUICK)}, got {item!r}")
+        QUICK[method][option] = value
     if args.archs is None:
         args.archs = [] if args.torchvision else list(ARCHS)
     if args.torchvision:
