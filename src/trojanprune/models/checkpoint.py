@@ -54,7 +54,7 @@ def read_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch
 def _refuse_torchscript(path: Path) -> None:
     """A TorchScript archive (torch.jit.save) is refused with what to do instead: loading one
     runs its compiled code (a module's ``__setstate__``), and torch.load's own refusal of it
-    under ``weights_only`` reads like a pickle problem."""
+    under ``weights_only`` suggests loading it with ``weights_only=False``."""
     import zipfile
 
     if not zipfile.is_zipfile(path):
