@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
@@ -432,6 +434,63 @@ def test_permanent_zeroing_keeps_groupnorm_and_layernorm_statistics():
             permanent = apply_masks_permanently(model, units, units.pruned_list(keep)).eval()(x)
         assert (masked - model(x)).abs().max() > 1e-3
         assert torch.allclose(masked, permanent, atol=1e-5), float((masked - permanent).abs().max())
+
+
+def _reparametrized(kind: str) -> nn.Module:
+    from torch.nn.utils import parametrizations, spectral_norm, weight_norm
+
+    wrap = {"weight_norm": parametrizations.weight_norm, "spectral_norm": parametrizations.spectral_norm,
+            "old weight_norm": weight_norm, "old spectral_norm": spectral_norm,
+            "orthogonal": parametrizations.orthogonal}[kind]
+    torch.manual_seed(0)
+    model = nn.Sequential(wrap(nn.Conv2d(3, 8, 3, padding=1)), nn.ReLU(),
+                          wrap(nn.Conv2d(8, 16, 3, padding=1)), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), wrap(nn.Linear(16, 12)), nn.ReLU(),
+                          nn.Linear(12, 10))
+    with torch.no_grad():
+        model(torch.rand(4, 3, 8, 8))  # one training step's power iteration, as a trained model
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "old weight_norm", "old spectral_norm"])
+def test_reparametrized_weights_are_zeroed_where_they_are_stored(kind):
+    """A weight computed from other tensors (weight or spectral norm) is not stored in
+    ``module.weight``: writing there left every channel in the repaired copy, silently."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from odd_models import logit_gaps
+
+    model = _reparametrized(kind)
+    x = torch.rand(6, 3, 8, 8)
+    units = discover_units(model, x[:1])
+    masks = (torch.rand(3, units.total, generator=torch.Generator().manual_seed(0)) > 0.3).float()
+    gaps = logit_gaps(model, x, masks)
+    assert gaps["smallest_effect"] > 1e-3
+    with torch.no_grad():
+        scale = float(model(x).abs().max())
+    assert gaps["hooked_vs_zeroed"] <= 1e-5 * max(1.0, scale), gaps
+    zeroed = apply_masks_permanently(model, units, {"0": [1, 4]})
+    assert zeroed[0].weight[[1, 4]].abs().sum() == 0
+    assert float(model[0].weight[[1, 4]].abs().sum()) > 0, "the input model was changed"
+
+
+def test_old_weight_norm_model_last_run_with_gradients_is_repaired():
+    """The older hook-based weight_norm leaves a non-leaf weight after a forward with
+    gradients, which copy.deepcopy refuses; the repair copies the model all the same."""
+    import trojanprune as tp
+
+    model = _reparametrized("old weight_norm")
+    x, y = torch.rand(20, 3, 8, 8), torch.arange(20) % 10
+    model(x).sum().backward()  # as right after training
+    result = tp.repair(model, (x, y), method="fp", finetune_epochs=0)
+    assert result.pruned
+    assert model[0].weight.grad_fn is not None, "the input model was changed"
+
+
+def test_reparametrization_the_repair_cannot_zero_is_refused_before_any_work():
+    import trojanprune as tp
+
+    with pytest.raises(ConfigError, match=r"'0'.*_Orthogonal.*remove_parametrizations"):
+        tp.repair(_reparametrized("orthogonal"), None, method="clp", input_shape="3,8,8")
 
 
 def test_export_refuses_whole_group():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import torch
@@ -12,8 +11,9 @@ from torch.utils.data import Dataset
 from . import defenses
 from .data.dataset import ImageDataset
 from .defenses.base import CleanData, RepairResult
+from .engine.masks import ZEROABLE_REPARAMETRIZATIONS, _unzeroable, reparametrization
 from .errors import ConfigError, DataError, TrojanPruneError
-from .utils import model_device, resolve_device, seed_everything
+from .utils import copy_model, model_device, resolve_device, seed_everything
 
 
 def repair(model: nn.Module, clean, method: str = "onp", seed: int = 0, device=None,
@@ -42,12 +42,13 @@ def repair(model: nn.Module, clean, method: str = "onp", seed: int = 0, device=N
                           f"torch.jit.trace); pruning needs the eager torch.nn.Module. Build the "
                           f"model from its Python definition and load the compiled one's weights "
                           f"into it: model.load_state_dict(scripted.state_dict())")
+    _check_reparametrizations(model)
     device = resolve_device(device) if device is not None else model_device(model)
     # Defenses compute in float32 (their masks, triggers and images are float32): a float64 or
     # half-precision model is repaired as a float32 copy and returned in its own dtype, in
     # which its pruned weights are still exactly zero.
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    working = copy.deepcopy(model).to(device=device, dtype=torch.float32).eval()
+    working = copy_model(model).to(device=device, dtype=torch.float32).eval()
     for p in working.parameters():
         p.requires_grad_(False)
     num_classes = _num_classes(working, clean, device)
@@ -83,6 +84,16 @@ def _eager(model: nn.Module) -> nn.Module:
                       UserWarning, stacklevel=3)
         return inner
     return model
+
+
+def _check_reparametrizations(model: nn.Module) -> None:
+    """Refuse, before any work, a weight computed by a reparametrization whose channels the
+    repaired copy could not have zeroed (the export would fail at the end of the repair)."""
+    for name, module in model.named_modules():
+        for pname in ("weight", "bias"):
+            kind = reparametrization(module, pname)
+            if kind is not None and kind not in ZEROABLE_REPARAMETRIZATIONS:
+                raise ConfigError(_unzeroable(name or "the model", pname, kind))
 
 
 def _data_free() -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -14,6 +15,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from torch import nn
 
 from .errors import ConfigError, TrojanPruneError
 
@@ -130,3 +132,18 @@ def atomic_directory(out_dir: str | Path, force: bool = False) -> Iterator[Path]
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also for a model with the older hook-based weight_norm or
+    spectral_norm whose last forward ran with gradients: their computed weight is then a
+    non-leaf tensor, which copy.deepcopy refuses. The hook recomputes it at every forward, so
+    the copy starts from a detached one; the model keeps its own."""
+    memo = {}
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            name = getattr(hook, "name", None)
+            computed = getattr(module, name, None) if isinstance(name, str) else None
+            if isinstance(computed, torch.Tensor) and computed.grad_fn is not None:
+                memo[id(computed)] = computed.detach().clone()
+    return copy.deepcopy(model, memo)

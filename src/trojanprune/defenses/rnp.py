@@ -52,7 +52,6 @@ the unlearning we tried (per step) gave a better trade-off on that model.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -62,7 +61,7 @@ from torch import nn
 
 from ..engine import Units, apply_masks_permanently, discover_units
 from ..progress import progress_bar
-from ..utils import derive_seed
+from ..utils import copy_model, derive_seed
 from . import register
 from .base import CleanData, Defense, RepairResult, check_finite
 from .neuron_perturbation import (NeuronMasks, logits_of, model_mode, check_option_fields,
@@ -181,7 +180,7 @@ def unlearn(model: nn.Module, data: CleanData, o: Options, gen: torch.Generator,
     """Step 1: a copy of ``model`` unlearned by gradient ascent on ``data``'s cross-entropy,
     until the accuracy during an epoch is <= ``o.clean_threshold`` (or ``o.unlearn_epochs``).
     ``model`` is not modified; the copy's parameters are frozen again on return."""
-    net = copy.deepcopy(model)
+    net = copy_model(model)
     params = list(net.parameters())
     for p in params:
         p.requires_grad_(True)

@@ -13,11 +13,11 @@ poisoned) data, which on the CIFAR-10 zoo alone costs 4-9 points of accuracy.
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import torch
 from torch import nn
 
+from ..utils import copy_model
 from .masks import apply_masks_permanently
 from .units import Pruned, Units
 
@@ -36,7 +36,7 @@ def clean_statistics(model: nn.Module, images: torch.Tensor, batch_size: int = 1
     """Each BatchNorm layer's mean and (unbiased) variance on ``images``, averaged over
     batches as BatchNorm's own cumulative average does; ``model`` is not touched. ``layers``:
     only these (the others normalize with their running statistics meanwhile); None = all."""
-    work = copy.deepcopy(model).eval()
+    work = copy_model(model).eval()
     norms = {n: m for n, m in batchnorms(work).items() if layers is None or n in layers}
     for m in norms.values():
         m.reset_running_stats()

@@ -8,13 +8,13 @@ the masked model computes (up to float rounding).
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import torch
 from torch import nn
 
 from ..errors import TrojanPruneError
+from ..utils import copy_model
 from .units import Pruned, Units, _example
 
 
@@ -37,7 +37,7 @@ def export_pruned(model: nn.Module, units: Units, pruned: Pruned, example_input:
                 f"cannot remove all {g.size} channels of unit group {name!r}: the layer would "
                 "disappear. Keep at least one channel, or use apply_masks_permanently to zero them.")
 
-    new = copy.deepcopy(model)
+    new = copy_model(model)
     flags = {n: m.training for n, m in new.named_modules()}
     if not chosen:
         return new

@@ -19,12 +19,11 @@ speed-up was measured on CPU only.
 
 from __future__ import annotations
 
-import copy
 
 import torch
 from torch import nn
 
-from ..utils import model_device
+from ..utils import copy_model, model_device
 
 #: largest |difference| of the copy's outputs, relative to the largest |output|, still "the same"
 AGREEMENT_TOLERANCE = 1e-4
@@ -42,7 +41,7 @@ def channels_last_copy(model: nn.Module, sample: torch.Tensor) -> nn.Module:
            for m in model.modules() if isinstance(m, nn.Conv2d)):
         return model  # converted already (e.g. a copy made by this function): nothing to gain
     try:
-        fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        fast = copy_model(model).to(memory_format=torch.channels_last)
     except Exception:  # noqa: BLE001 - a model that cannot be copied is simply used as it is
         return model
     # Compare in eval mode: train-mode BatchNorm would update both models' running statistics.

@@ -14,15 +14,16 @@ mask 1, ...), the output of a hooked module is viewed as (M, B, C, ...) and scal
 
 from __future__ import annotations
 
-import copy
 import itertools
 from dataclasses import dataclass
 from typing import Mapping, Union
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..errors import ConfigError, TrojanPruneError
+from ..utils import copy_model
 from .units import _NORM as _NORM_TYPES, _PRODUCER as _PRODUCER_TYPES, Pruned, Units, channel_dim
 
 MaskInput = Union[torch.Tensor, Mapping[str, torch.Tensor]]
@@ -194,7 +195,7 @@ def apply_masks_permanently(model: nn.Module, units: Units, pruned: Pruned) -> n
     tensor of length ``units.total``.
     """
     chosen = units.pruned_channels(pruned)
-    new = copy.deepcopy(model)
+    new = copy_model(model)
     with torch.no_grad():
         for name, chans in chosen.items():
             g = units[name]
@@ -239,18 +240,111 @@ def _zero_channels(module: nn.Module, idx: torch.Tensor, name: str) -> None:
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         if module.groups != 1:
             raise TrojanPruneError(f"cannot zero channels of grouped transposed conv {name!r}")
-        module.weight[:, idx] = 0  # transposed convs store (in, out, ...)
+        _zero_param(module, "weight", idx, 1, name)  # transposed convs store (in, out, ...)
     elif isinstance(module, nn.LayerNorm):
         # LayerNorm's channels are its last normalized dim (see channel_dim).
-        if module.weight is not None:
-            module.weight[..., idx] = 0
-        if module.bias is not None:
-            module.bias[..., idx] = 0
+        _zero_param(module, "weight", idx, -1, name)
+        _zero_param(module, "bias", idx, -1, name)
         return
-    elif getattr(module, "weight", None) is not None:
-        module.weight[idx] = 0
-    if getattr(module, "bias", None) is not None:
-        module.bias[idx] = 0
+    else:
+        _zero_param(module, "weight", idx, 0, name)
+    _zero_param(module, "bias", idx, 0, name)
     if isinstance(module, nn.modules.batchnorm._NormBase) and module.running_mean is not None:
         module.running_mean[idx] = 0
         module.running_var[idx] = 1
+
+
+#: the reparametrizations whose channels :func:`_zero_param` can zero exactly
+ZEROABLE_REPARAMETRIZATIONS = ("weight_norm", "spectral_norm")
+
+
+def reparametrization(module: nn.Module, pname: str) -> str | None:
+    """How ``module``'s ``pname`` is computed from other tensors: None (stored as it is),
+    "weight_norm" or "spectral_norm" (``torch.nn.utils.parametrizations`` or the older
+    hook-based ``torch.nn.utils`` functions), or the parametrization's class name."""
+    if parametrize.is_parametrized(module, pname):
+        chain = getattr(module.parametrizations, pname)
+        if len(chain) != 1:
+            return " + ".join(type(p).__name__ for p in chain)
+        kind = type(chain[0]).__name__
+        return {"_WeightNorm": "weight_norm", "_SpectralNorm": "spectral_norm"}.get(kind, kind)
+    for hook in module._forward_pre_hooks.values():
+        if getattr(hook, "name", None) == pname:
+            return {"WeightNorm": "weight_norm", "SpectralNorm": "spectral_norm"}.get(
+                type(hook).__name__, type(hook).__name__)
+    return None
+
+
+def _zero_param(module: nn.Module, pname: str, idx: torch.Tensor, dim: int, name: str) -> None:
+    """Zero the entries ``idx`` along ``dim`` of ``module``'s parameter ``pname`` where they are
+    stored.
+
+    Why not just write into ``module.weight``: a weight computed from other tensors is not
+    stored there. Under ``torch.nn.utils.parametrizations`` writing into it changes a temporary,
+    and under the older hook-based ``weight_norm`` and ``spectral_norm`` the next forward
+    recomputes it; either way the repaired copy kept every channel, silently. So weight norm's
+    magnitude ``g`` is zeroed for the channels, and spectral norm's stored weight rows are zeroed
+    with its left singular vector rescaled so that the norm it divides by stays what it was. The
+    result is checked: exactly those entries zero, every other one unchanged.
+    """
+    kind = reparametrization(module, pname)
+    if kind is None:
+        stored = getattr(module, pname, None)
+        if stored is not None:
+            stored.index_fill_(dim % stored.dim(), idx, 0)
+        return
+    if kind not in ZEROABLE_REPARAMETRIZATIONS:
+        raise TrojanPruneError(_unzeroable(name, pname, kind))
+    if parametrize.is_parametrized(module, pname):
+        chain = getattr(module.parametrizations, pname)
+        training = chain.training
+        chain.eval()  # no power iteration while the weight is read
+        try:
+            current = getattr(module, pname)
+            dim %= current.dim()
+            expected = current.detach().clone().index_fill_(dim, idx, 0)
+            if kind == "weight_norm":
+                _zero_magnitude(chain.original0, idx, dim)
+            else:
+                norm = chain[0]
+                _zero_spectral(chain.original, norm._u, norm._v, norm._reshape_weight_to_matrix, idx, dim)
+            after = getattr(module, pname)
+        finally:
+            chain.train(training)
+    else:  # the older hook-based API: the hook computes the weight before every forward
+        hook = next(h for h in module._forward_pre_hooks.values() if getattr(h, "name", None) == pname)
+        compute = (hook.compute_weight if kind == "weight_norm"
+                   else lambda m: hook.compute_weight(m, do_power_iteration=False))
+        current = compute(module)  # not the attribute: it is as the last forward left it
+        dim %= current.dim()
+        expected = current.detach().clone().index_fill_(dim, idx, 0)
+        if kind == "weight_norm":
+            _zero_magnitude(getattr(module, pname + "_g"), idx, dim)
+        else:
+            _zero_spectral(getattr(module, pname + "_orig"), getattr(module, pname + "_u"),
+                           getattr(module, pname + "_v"), hook.reshape_weight_to_matrix, idx, dim)
+        after = compute(module)
+        setattr(module, pname, after)  # what the hook sets at the next forward
+    if not torch.allclose(after, expected, rtol=1e-5, atol=1e-7):
+        raise TrojanPruneError(_unzeroable(name, pname, f"{kind} along another dim"))
+
+
+def _zero_magnitude(g: torch.Tensor, idx: torch.Tensor, dim: int) -> None:
+    if g.dim() > dim and g.numel() == g.shape[dim]:  # one magnitude per channel of that dim
+        g.index_fill_(dim, idx, 0)
+
+
+def _zero_spectral(weight, u, v, to_matrix, idx, dim) -> None:
+    sigma = torch.vdot(u, torch.mv(to_matrix(weight), v))
+    weight.index_fill_(dim, idx, 0)
+    left = torch.vdot(u, torch.mv(to_matrix(weight), v))
+    if float(left) != 0:
+        u.mul_(sigma / left)
+
+
+def _unzeroable(name: str, pname: str, kind: str) -> str:
+    return (f"cannot zero channels of {name!r}: its {pname} is computed by a reparametrization "
+            f"({kind}) that the repair cannot zero exactly (it can: weight_norm and spectral_norm "
+            f"over output channels). Remove it first, which keeps the same function: "
+            f"torch.nn.utils.parametrize.remove_parametrizations(module, {pname!r}) (or "
+            f"torch.nn.utils.remove_weight_norm / remove_spectral_norm for the older API)")
