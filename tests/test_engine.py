@@ -436,12 +436,18 @@ def test_permanent_zeroing_keeps_groupnorm_and_layernorm_statistics():
         assert torch.allclose(masked, permanent, atol=1e-5), float((masked - permanent).abs().max())
 
 
+def _l1_pruned(module: nn.Module) -> nn.Module:
+    from torch.nn.utils import prune
+
+    return prune.l1_unstructured(module, "weight", amount=0.3)  # weight = weight_orig * mask
+
+
 def _reparametrized(kind: str) -> nn.Module:
     from torch.nn.utils import parametrizations, spectral_norm, weight_norm
 
     wrap = {"weight_norm": parametrizations.weight_norm, "spectral_norm": parametrizations.spectral_norm,
             "old weight_norm": weight_norm, "old spectral_norm": spectral_norm,
-            "orthogonal": parametrizations.orthogonal}[kind]
+            "orthogonal": parametrizations.orthogonal, "prune": _l1_pruned}[kind]
     torch.manual_seed(0)
     model = nn.Sequential(wrap(nn.Conv2d(3, 8, 3, padding=1)), nn.ReLU(),
                           wrap(nn.Conv2d(8, 16, 3, padding=1)), nn.BatchNorm2d(16), nn.ReLU(),
@@ -452,10 +458,12 @@ def _reparametrized(kind: str) -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "old weight_norm", "old spectral_norm"])
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "old weight_norm", "old spectral_norm",
+                                  "prune"])
 def test_reparametrized_weights_are_zeroed_where_they_are_stored(kind):
-    """A weight computed from other tensors (weight or spectral norm) is not stored in
-    ``module.weight``: writing there left every channel in the repaired copy, silently."""
+    """A weight computed from other tensors (weight or spectral norm, a torch.nn.utils.prune
+    mask) is not stored in ``module.weight``: writing there left every channel in the
+    repaired copy, silently."""
     sys.path.insert(0, str(Path(__file__).parent))
     from odd_models import logit_gaps
 

@@ -136,13 +136,13 @@ def atomic_directory(out_dir: str | Path, force: bool = False) -> Iterator[Path]
 
 def copy_model(model: nn.Module) -> nn.Module:
     """``copy.deepcopy(model)``, also for a model with the older hook-based weight_norm or
-    spectral_norm whose last forward ran with gradients: their computed weight is then a
-    non-leaf tensor, which copy.deepcopy refuses. The hook recomputes it at every forward, so
+    spectral_norm, or a ``torch.nn.utils.prune`` mask, whose last forward ran with gradients:
+    their computed weight is then a non-leaf tensor, which copy.deepcopy refuses. The hook recomputes it at every forward, so
     the copy starts from a detached one; the model keeps its own."""
     memo = {}
     for module in model.modules():
         for hook in module._forward_pre_hooks.values():
-            name = getattr(hook, "name", None)
+            name = getattr(hook, "name", getattr(hook, "_tensor_name", None))
             computed = getattr(module, name, None) if isinstance(name, str) else None
             if isinstance(computed, torch.Tensor) and computed.grad_fn is not None:
                 memo[id(computed)] = computed.detach().clone()

@@ -20,7 +20,7 @@ from typing import Mapping, Union
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 from ..errors import ConfigError, TrojanPruneError
 from ..utils import copy_model
@@ -254,8 +254,9 @@ def _zero_channels(module: nn.Module, idx: torch.Tensor, name: str) -> None:
         module.running_var[idx] = 1
 
 
-#: the reparametrizations whose channels :func:`_zero_param` can zero exactly
-ZEROABLE_REPARAMETRIZATIONS = ("weight_norm", "spectral_norm")
+#: the reparametrizations whose channels :func:`_zero_param` can zero exactly ("prune": the
+#: mask of ``torch.nn.utils.prune``, weight = weight_orig * weight_mask)
+ZEROABLE_REPARAMETRIZATIONS = ("weight_norm", "spectral_norm", "prune")
 
 
 def reparametrization(module: nn.Module, pname: str) -> str | None:
@@ -268,11 +269,21 @@ def reparametrization(module: nn.Module, pname: str) -> str | None:
             return " + ".join(type(p).__name__ for p in chain)
         kind = type(chain[0]).__name__
         return {"_WeightNorm": "weight_norm", "_SpectralNorm": "spectral_norm"}.get(kind, kind)
-    for hook in module._forward_pre_hooks.values():
-        if getattr(hook, "name", None) == pname:
-            return {"WeightNorm": "weight_norm", "SpectralNorm": "spectral_norm"}.get(
-                type(hook).__name__, type(hook).__name__)
-    return None
+    hook = _weight_hook(module, pname)
+    if hook is None:
+        return None
+    if isinstance(hook, prune.BasePruningMethod):
+        return "prune"
+    return {"WeightNorm": "weight_norm", "SpectralNorm": "spectral_norm"}.get(
+        type(hook).__name__, type(hook).__name__)
+
+
+def _weight_hook(module: nn.Module, pname: str):
+    """The forward pre-hook that computes ``module``'s ``pname`` before each forward (the older
+    ``torch.nn.utils`` weight_norm and spectral_norm name it ``name``, ``torch.nn.utils.prune``
+    ``_tensor_name``), or None."""
+    return next((h for h in module._forward_pre_hooks.values()
+                 if pname in (getattr(h, "name", None), getattr(h, "_tensor_name", None))), None)
 
 
 def _zero_param(module: nn.Module, pname: str, idx: torch.Tensor, dim: int, name: str) -> None:
@@ -281,11 +292,12 @@ def _zero_param(module: nn.Module, pname: str, idx: torch.Tensor, dim: int, name
 
     Why not just write into ``module.weight``: a weight computed from other tensors is not
     stored there. Under ``torch.nn.utils.parametrizations`` writing into it changes a temporary,
-    and under the older hook-based ``weight_norm`` and ``spectral_norm`` the next forward
-    recomputes it; either way the repaired copy kept every channel, silently. So weight norm's
-    magnitude ``g`` is zeroed for the channels, and spectral norm's stored weight rows are zeroed
-    with its left singular vector rescaled so that the norm it divides by stays what it was. The
-    result is checked: exactly those entries zero, every other one unchanged.
+    and under the older hook-based ``weight_norm`` and ``spectral_norm``, and under
+    ``torch.nn.utils.prune``'s mask, the next forward recomputes it; either way the repaired
+    copy kept every channel, silently. So weight norm's magnitude ``g`` is zeroed for the
+    channels, a pruning mask's ``weight_orig`` rows are zeroed, and spectral norm's stored weight
+    rows are zeroed with its left singular vector rescaled so that the norm it divides by stays
+    what it was. The result is checked: exactly those entries zero, every other one unchanged.
     """
     kind = reparametrization(module, pname)
     if kind is None:
@@ -311,15 +323,17 @@ def _zero_param(module: nn.Module, pname: str, idx: torch.Tensor, dim: int, name
             after = getattr(module, pname)
         finally:
             chain.train(training)
-    else:  # the older hook-based API: the hook computes the weight before every forward
-        hook = next(h for h in module._forward_pre_hooks.values() if getattr(h, "name", None) == pname)
-        compute = (hook.compute_weight if kind == "weight_norm"
+    else:  # a forward pre-hook computes the weight before every forward
+        hook = _weight_hook(module, pname)
+        compute = (hook.apply_mask if kind == "prune" else hook.compute_weight if kind == "weight_norm"
                    else lambda m: hook.compute_weight(m, do_power_iteration=False))
         current = compute(module)  # not the attribute: it is as the last forward left it
         dim %= current.dim()
         expected = current.detach().clone().index_fill_(dim, idx, 0)
         if kind == "weight_norm":
             _zero_magnitude(getattr(module, pname + "_g"), idx, dim)
+        elif kind == "prune":
+            getattr(module, pname + "_orig").index_fill_(dim, idx, 0)
         else:
             _zero_spectral(getattr(module, pname + "_orig"), getattr(module, pname + "_u"),
                            getattr(module, pname + "_v"), hook.reshape_weight_to_matrix, idx, dim)
