@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from . import defenses
 from .data.dataset import ImageDataset
 from .defenses.base import CleanData, RepairResult
-from .engine.masks import ZEROABLE_REPARAMETRIZATIONS, _unzeroable, reparametrization
+from .engine.masks import ZEROABLE_REPARAMETRIZATIONS, reparametrization, unzeroable_message
 from .errors import ConfigError, DataError, TrojanPruneError
 from .utils import copy_model, model_device, resolve_device, seed_everything
 
@@ -93,7 +93,7 @@ def _check_reparametrizations(model: nn.Module) -> None:
         for pname in ("weight", "bias"):
             kind = reparametrization(module, pname)
             if kind is not None and kind not in ZEROABLE_REPARAMETRIZATIONS:
-                raise ConfigError(_unzeroable(name or "the model", pname, kind))
+                raise ConfigError(unzeroable_message(name or "the model", pname, kind))
 
 
 def _data_free() -> list[str]:

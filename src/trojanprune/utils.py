@@ -137,8 +137,9 @@ def atomic_directory(out_dir: str | Path, force: bool = False) -> Iterator[Path]
 def copy_model(model: nn.Module) -> nn.Module:
     """``copy.deepcopy(model)``, also for a model with the older hook-based weight_norm or
     spectral_norm, or a ``torch.nn.utils.prune`` mask, whose last forward ran with gradients:
-    their computed weight is then a non-leaf tensor, which copy.deepcopy refuses. The hook recomputes it at every forward, so
-    the copy starts from a detached one; the model keeps its own."""
+    their computed weight is then a non-leaf tensor, which copy.deepcopy refuses. The hook
+    recomputes it at every forward, so the copy starts from a detached one; the model keeps
+    its own."""
     memo = {}
     for module in model.modules():
         for hook in module._forward_pre_hooks.values():

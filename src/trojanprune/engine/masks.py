@@ -306,7 +306,7 @@ def _zero_param(module: nn.Module, pname: str, idx: torch.Tensor, dim: int, name
             stored.index_fill_(dim % stored.dim(), idx, 0)
         return
     if kind not in ZEROABLE_REPARAMETRIZATIONS:
-        raise TrojanPruneError(_unzeroable(name, pname, kind))
+        raise TrojanPruneError(unzeroable_message(name, pname, kind))
     if parametrize.is_parametrized(module, pname):
         chain = getattr(module.parametrizations, pname)
         training = chain.training
@@ -340,7 +340,7 @@ def _zero_param(module: nn.Module, pname: str, idx: torch.Tensor, dim: int, name
         after = compute(module)
         setattr(module, pname, after)  # what the hook sets at the next forward
     if not torch.allclose(after, expected, rtol=1e-5, atol=1e-7):
-        raise TrojanPruneError(_unzeroable(name, pname, f"{kind} along another dim"))
+        raise TrojanPruneError(unzeroable_message(name, pname, f"{kind} along another dim"))
 
 
 def _zero_magnitude(g: torch.Tensor, idx: torch.Tensor, dim: int) -> None:
@@ -356,7 +356,7 @@ def _zero_spectral(weight, u, v, to_matrix, idx, dim) -> None:
         u.mul_(sigma / left)
 
 
-def _unzeroable(name: str, pname: str, kind: str) -> str:
+def unzeroable_message(name: str, pname: str, kind: str) -> str:
     return (f"cannot zero channels of {name!r}: its {pname} is computed by a reparametrization "
             f"({kind}) that the repair cannot zero exactly (it can: weight_norm and spectral_norm "
             f"over output channels). Remove it first, which keeps the same function: "
