@@ -359,6 +359,7 @@ def _zero_spectral(weight, u, v, to_matrix, idx, dim) -> None:
 def unzeroable_message(name: str, pname: str, kind: str) -> str:
     return (f"cannot zero channels of {name!r}: its {pname} is computed by a reparametrization "
             f"({kind}) that the repair cannot zero exactly (it can: weight_norm and spectral_norm "
-            f"over output channels, and torch.nn.utils.prune masks). Remove it first, which keeps the same function: "
+            f"over output channels, and torch.nn.utils.prune masks). Remove it first, which "
+            f"keeps the same function: "
             f"torch.nn.utils.parametrize.remove_parametrizations(module, {pname!r}) (or "
             f"torch.nn.utils.remove_weight_norm / remove_spectral_norm for the older API)")
